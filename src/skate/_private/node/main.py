@@ -1,0 +1,177 @@
+"""The node process: hosts a node manager, and on the head node the GCS too.
+
+Start-up order matters for the time to the first result:
+
+1. fork the zygote before any thread exists (it then forks the first workers while
+   this process goes on);
+2. listen on the node socket and print one JSON line on stdout ("ready"), so the driver
+   can connect and ask for leases at once;
+3. only then import gRPC, start the GCS (head) and register with it, off the critical
+   path.
+
+Run as ``python -m skate._private.node.main '<json options>'``. Embedded (started by
+``skate.init()``), it exits when its last driver disconnects or dies, removing its
+processes, shared-memory segments and (unless asked to keep them) its session directory.
+
+May call: node.node_manager, node.zygote, node.log_monitor, object_store.store, gcs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+
+
+def _worker_env() -> None:
+    # One thread per worker in the common numeric libraries, as Ray does: a worker is
+    # leased one CPU, and N workers each spinning N BLAS threads oversubscribe the node.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
+def main(opts: dict) -> int:
+    session = opts["session"]
+    session_dir = opts["session_dir"]
+    log_dir = os.path.join(session_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    # Ctrl-C in the driver's terminal reaches this process group too; the driver decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_env()
+    node_socket = os.path.join(session_dir, "node.sock")
+
+    from skate._private.node import zygote
+    zyg = zygote.start({
+        "session": session,
+        "session_dir": session_dir,
+        "log_dir": log_dir,
+        "node_socket": node_socket,
+        "node_id": bytes.fromhex(opts["node_id"]),
+    })
+
+    from skate._private.ids import new_node_id  # noqa: F401 (import order: after fork)
+    from skate._private.node.log_monitor import LogMonitor
+    from skate._private.node.node_manager import NodeManager
+    from skate._private.object_store.store import ObjectStore
+    from skate._private.protocol.transport import EventLoop
+
+    done = threading.Event()
+    loop = EventLoop("skate-node-io")
+    store = ObjectStore(session, int(opts["object_store_memory"]), os.path.join(session_dir, "spill"))
+    nm = NodeManager(loop, node_id=bytes.fromhex(opts["node_id"]), session=session,
+                     session_dir=session_dir, resources=opts["resources"], store=store,
+                     zygote=zyg, embedded=opts.get("embedded", True), on_shutdown=done.set,
+                     owner_pid=opts.get("driver_pid"))
+    nm.start()
+    loop.start()
+
+    # Ready: the driver may connect now.
+    sys.stdout.write(json.dumps({"ready": True, "node_socket": node_socket, "pid": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    _redirect_output(os.path.join(log_dir, "node.out"))
+
+    monitor = LogMonitor(log_dir, lambda lines: loop.call_soon(nm.forward_logs, lines)).start()
+
+    gcs_server = None
+    if opts.get("head"):
+        gcs_server = _start_gcs(opts, nm, loop)
+
+    driver_pid = opts.get("driver_pid")
+    while not done.wait(0.5):
+        if driver_pid and not _alive(driver_pid):
+            # The driver died before (or without) closing its connection.
+            loop.call_soon(nm.shutdown)
+    monitor.stop()
+    loop.stop()
+    if gcs_server is not None:
+        gcs_server.stop(grace=0)
+    if opts.get("head") and opts.get("latest_file"):
+        _forget_latest(opts["latest_file"], session)
+    if not opts.get("keep_logs"):
+        shutil.rmtree(session_dir, ignore_errors=True)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _redirect_output(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _start_gcs(opts, nm, loop):
+    """Starts the GCS in this process and registers the node with it (off the hot path)."""
+    from skate._private.gcs.client import GcsClient
+    from skate._private.gcs.server import GcsServer
+
+    server = GcsServer(host=opts.get("gcs_host", "127.0.0.1"), port=int(opts.get("gcs_port", 0)),
+                       token=opts["token"], storage=opts.get("gcs_storage"))
+    port = server.start()
+    address = f"{opts.get('gcs_host', '127.0.0.1')}:{port}"
+    client = GcsClient(address, opts["token"])
+    info = {
+        "node_id": bytes.fromhex(opts["node_id"]),
+        "address": "127.0.0.1",
+        "node_socket": nm.socket_path,
+        "session": nm.session,
+        "session_dir": nm.session_dir,
+        "resources": dict(nm.total),
+        "pid": os.getpid(),
+        "is_head": True,
+    }
+    client.register_node(info)
+
+    def set_address():
+        nm.gcs_address = address
+    loop.call_soon(set_address)
+    if opts.get("latest_file"):
+        _write_latest(opts["latest_file"], {"gcs_address": address, "session": nm.session,
+                                            "session_dir": nm.session_dir, "pid": os.getpid(),
+                                            "token": opts["token"]})
+
+    def heartbeat():
+        while True:
+            try:
+                if not client.heartbeat(info["node_id"], dict(nm.available), {"pending": len(nm.pending)}):
+                    client.register_node(info)
+            except Exception:
+                pass
+            if nm.shutting_down:
+                return
+            threading.Event().wait(1.0)
+    threading.Thread(target=heartbeat, name="skate-heartbeat", daemon=True).start()
+    return server
+
+
+def _write_latest(path: str, data: dict) -> None:
+    tmp = path + f".{os.getpid()}"
+    # The file holds the cluster token: readable by this user only.
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _forget_latest(path: str, session: str) -> None:
+    try:
+        with open(path) as f:
+            if json.load(f).get("session") == session:
+                os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(json.loads(sys.argv[1])))
