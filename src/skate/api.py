@@ -155,9 +155,9 @@ def get_runtime_context() -> RuntimeContext:
     return RuntimeContext(runtime.core())
 
 
-def _node_info() -> dict:
+def _node_info(reclaim: bool = False) -> dict:
     from skate._private.protocol import messages as M
-    return runtime.core().node_request(M.NODE_INFO, timeout=10)
+    return runtime.core().node_request(M.NODE_INFO, reclaim, timeout=10)
 
 
 def cluster_resources() -> dict:
@@ -166,8 +166,12 @@ def cluster_resources() -> dict:
 
 
 def available_resources() -> dict:
-    """Resources free right now (leases held by callers count as used)."""
-    return {k: v for k, v in _node_info()["available"].items() if v > 0}
+    """Resources free right now.
+
+    Worker leases that callers keep idle (a speed-up, not work) are taken back first, so
+    what is reported free is what new tasks could use.
+    """
+    return {k: v for k, v in _node_info(reclaim=True)["available"].items() if v > 0}
 
 
 def nodes() -> list:

@@ -331,7 +331,15 @@ class NodeManager:
             client.reservations.discard(oid)
         self.store.abort(oid)
 
-    def _on_node_info(self, conn, rid) -> None:
+    def _on_node_info(self, conn, rid, reclaim=False) -> None:
+        if reclaim:
+            # "Available" means not doing work: idle leases kept by callers for speed are
+            # asked back first, and the answer waits a moment for them to return.
+            for c, client in self.clients.items():
+                if client.leases and not c.closed:
+                    c.send((M.LEASE_WANTED,))
+            self.loop.call_later(0.05, self._on_node_info, conn, rid)
+            return
         info = self._info()
         info["store"] = self.store.stats()
         info["workers"] = [

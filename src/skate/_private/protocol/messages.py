@@ -14,7 +14,7 @@ Client (driver or worker core worker) <-> node manager
     STORE_ENSURE(rid, oid)           -> REPLY(rid, ok, bool): restore a spilled object
     STORE_FREE(oids)
     STORE_ABORT(oid)
-    NODE_INFO(rid)                   -> REPLY(rid, ok, dict)
+    NODE_INFO(rid, reclaim)          -> REPLY(rid, ok, dict); reclaim: idle leases back first
     KILL_WORKER(worker_id)           force-cancel: the node manager SIGKILLs it
     LOG_LINES(lines)                 node -> driver: [(is_err, prefix, text)]
     SHUTDOWN()                       embedded driver -> node: stop everything

@@ -21,7 +21,7 @@ May call: the core worker it serves, object_store, protocol.
 
 from __future__ import annotations
 
-import ctypes
+import signal
 import sys
 import threading
 import time
@@ -48,6 +48,13 @@ class TaskExecutor:
         self.current = None           # task id running now
         self.main_ident = threading.get_ident()
         self._last_name = None
+        self._cancel_requested = None
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        if self._cancel_requested is not None and self._cancel_requested == self.current:
+            self._cancel_requested = None
+            raise exc_mod.TaskCancelledError("cancelled")
 
     # --- I/O thread -------------------------------------------------------------------
     def add_function(self, fn_id, blob) -> None:
@@ -68,8 +75,10 @@ class TaskExecutor:
                     conn.send((M.TASK_DONE, task_id, [(M.RESULT_ERROR, err)] * max(item[1][5], 1), 0.0))
                     return
         if self.current == task_id and not force:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(self.main_ident), ctypes.py_object(exc_mod.TaskCancelledError))
+            # A real signal, aimed at the main thread: it also interrupts blocking calls
+            # such as time.sleep, which an asynchronous exception would wait out.
+            self._cancel_requested = task_id
+            signal.pthread_kill(self.main_ident, signal.SIGINT)
         # Children it submitted go too (recursive cancel).
         self.core.loop.call_soon(self._cancel_children)
 
