@@ -97,6 +97,7 @@ class RemoteFunction:
         self._blob = None
         self._fn_id = None
         self._signature = None
+        self._fitting_shapes: set = set()   # (n positional, kwarg names) known to bind
         self.__name__ = getattr(fn, "__name__", "remote_function")
         self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
         self.__doc__ = getattr(fn, "__doc__", None)
@@ -127,6 +128,11 @@ class RemoteFunction:
         return self._fn_id, self._blob
 
     def _check_args(self, args, kwargs) -> None:
+        # Whether arguments bind depends only on their count and keyword names: check
+        # each call shape once, not every call.
+        shape = (len(args), tuple(kwargs)) if kwargs else len(args)
+        if shape in self._fitting_shapes:
+            return
         sig = self._signature
         if sig is None:
             try:
@@ -139,6 +145,7 @@ class RemoteFunction:
             except TypeError as e:
                 raise TypeError(f"{self.__name__}.remote() got arguments that do not fit "
                                 f"{self.__name__}{sig}: {e}") from None
+        self._fitting_shapes.add(shape)
 
     def _submit(self, args, kwargs, p: _Prepared):
         self._check_args(args, kwargs)

@@ -42,6 +42,7 @@ from collections import deque
 
 _LEN = struct.Struct("<I")
 _RECV_SIZE = 1 << 18
+_LAZY_MAX_S = 0.02
 _dumps = pickle.dumps
 _loads = pickle.loads
 
@@ -141,26 +142,31 @@ class Connection:
                 self.loop._unwatch_write(self)
 
     def _on_readable(self) -> None:
+        # recv_into a buffer kept per loop: recv(N) would allocate (and, above glibc's
+        # mmap threshold, map and unmap) N bytes on every call.
+        view = self.loop._recv_view
+        size = len(view)
+        sock = self.sock
+        buf = self._inbuf
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            n = sock.recv_into(view)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.close()
             return
-        buf = self._inbuf
-        buf += data
+        buf += view[:n]
         # Drain what is already queued in the kernel too: fewer wake-ups under load.
-        while len(data) == _RECV_SIZE:
+        while n == size:
             try:
-                data = self.sock.recv(_RECV_SIZE)
+                n = sock.recv_into(view)
             except (BlockingIOError, InterruptedError, OSError):
                 break
-            if not data:
+            if not n:
                 break
-            buf += data
+            buf += view[:n]
         pos = 0
         n = len(buf)
         frames = []
@@ -216,6 +222,8 @@ class EventLoop:
         self._running = False
         self.thread: threading.Thread | None = None
         self._listeners: dict = {}
+        self._recv_view = memoryview(bytearray(_RECV_SIZE))
+        self._lazy: deque = deque()
 
     # --- any thread -------------------------------------------------------------------
     def start(self) -> "EventLoop":
@@ -239,6 +247,11 @@ class EventLoop:
         self._callbacks.append((fn, args))
         if not self.in_loop_thread():
             self.wake()
+
+    def call_lazily(self, fn, *args) -> None:
+        """Runs ``fn(*args)`` on the I/O thread at its next tick, without waking it: for
+        work that may wait (at most ``_LAZY_MAX_S``) but must not cost a syscall."""
+        self._lazy.append((fn, args))
 
     def call_later(self, delay: float, fn, *args):
         """Runs ``fn(*args)`` on the I/O thread after ``delay`` seconds; returns a handle
@@ -337,6 +350,8 @@ class EventLoop:
                 timeout = 0
             elif timers:
                 timeout = max(0.0, timers[0][0] - time.monotonic())
+            if self._lazy and (timeout is None or timeout > _LAZY_MAX_S):
+                timeout = _LAZY_MAX_S
             try:
                 events = sel.select(timeout)
             except InterruptedError:
@@ -363,6 +378,9 @@ class EventLoop:
                     entry = heapq.heappop(timers)
                     if entry[2] is not None:
                         callbacks.append((entry[2], entry[3]))
+            lazy = self._lazy
+            while lazy:
+                callbacks.append(lazy.popleft())
             while callbacks:
                 fn, args = callbacks.popleft()
                 try:

@@ -62,8 +62,9 @@ class CoreWorker:
         self.address = (self.worker_id, self.socket_path)
         self.loop = EventLoop("skate-io")
         self.memory_store = MemoryStore()
+        # Frees may wait for the I/O thread's next tick: no wake-up syscall per dropped ref.
         self.ref_counter = ReferenceCounter(self.worker_id, self._free_owned, self._release_borrowed,
-                                            self.loop.call_soon)
+                                            self.loop.call_lazily)
         self.submitter = TaskSubmitter(self)
         self.executor = None            # set by workers
         self.node_replies = Replies()

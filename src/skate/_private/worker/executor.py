@@ -32,6 +32,7 @@ from skate import exceptions as exc_mod
 from skate._private.node.log_monitor import TASK_MARKER
 from skate._private.object_store import serialization
 from skate._private.protocol import messages as M
+from skate._private.worker.core_worker import TopRef
 from skate._private.worker.memory_store import IN_STORE, INLINE
 from skate.object_ref import ObjectRef
 
@@ -168,7 +169,6 @@ class TaskExecutor:
             self.current = None
 
     def _resolve(self, args, kwargs, prefetched):
-        from skate._private.worker.core_worker import TopRef
         if not any(type(a) is TopRef for a in args) and not any(type(v) is TopRef for v in kwargs.values()):
             return args, kwargs
         core = self.core

@@ -16,6 +16,7 @@ Thread-safe; may call nothing else of skate.
 from __future__ import annotations
 
 import threading
+from _thread import allocate_lock as _allocate_lock
 
 PENDING, INLINE, IN_STORE, ERROR = 0, 1, 2, 3
 
@@ -32,11 +33,27 @@ class Entry:
 
 
 class _Waiter:
-    __slots__ = ("remaining", "event")
+    """One blocked get/wait: a bare lock, held until what it waits for is ready (cheaper
+    than an Event, which builds a Condition)."""
+
+    __slots__ = ("remaining", "lock", "fired")
 
     def __init__(self, remaining: int):
         self.remaining = remaining
-        self.event = threading.Event()
+        self.lock = _allocate_lock()
+        self.lock.acquire()
+        self.fired = False
+
+    def fire(self) -> None:
+        if not self.fired:
+            self.fired = True
+            self.lock.release()
+
+    def wait(self, timeout) -> None:
+        if timeout is None:
+            self.lock.acquire()
+        else:
+            self.lock.acquire(timeout=max(0.0, timeout))
 
 
 class MemoryStore:
@@ -74,7 +91,7 @@ class MemoryStore:
                 for w in waiters:
                     w.remaining -= 1
                     if w.remaining <= 0:
-                        w.event.set()
+                        w.fire()
         if callbacks:
             for cb in callbacks:
                 cb(e)
@@ -121,7 +138,7 @@ class MemoryStore:
                 if e.waiters is None:
                     e.waiters = []
                 e.waiters.append(waiter)
-        waiter.event.wait(timeout)
+        waiter.wait(timeout)
         with self._lock:
             for e in missing:
                 if e.waiters:
