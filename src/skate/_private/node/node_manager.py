@@ -32,11 +32,13 @@ from skate._private.protocol.transport import Connection, EventLoop
 
 STARTING, IDLE, LEASED = "STARTING", "IDLE", "LEASED"
 _EPS = 1e-9
+_REAP_EVERY_S = 1.0
+_IDLE_WORKER_S = 5.0
 
 
 class _Worker:
     __slots__ = ("worker_id", "pid", "conn", "socket_path", "state", "holder", "resources",
-                 "blocked")
+                 "blocked", "idle_since")
 
     def __init__(self, worker_id, pid, conn, socket_path):
         self.worker_id = worker_id
@@ -44,6 +46,7 @@ class _Worker:
         self.conn = conn
         self.socket_path = socket_path
         self.state = IDLE
+        self.idle_since = time.monotonic()
         self.holder = None          # the client Connection holding the lease
         self.resources = None       # resources of the current lease
         self.blocked = False
@@ -104,6 +107,24 @@ class NodeManager:
     def start(self) -> None:
         self.loop.listen_unix(self.socket_path, self._on_accept)
         self._spawn(self.min_workers)
+        self.loop.call_later(_REAP_EVERY_S, self._reap_idle)
+
+    def _reap_idle(self) -> None:
+        """Workers beyond the CPU count (started for nested tasks that blocked) are
+        stopped once they have idled a while; the pool shrinks back to its size."""
+        if self.shutting_down:
+            return
+        now = time.monotonic()
+        excess = len(self.workers) - self.min_workers
+        for worker in list(self.idle):
+            if excess <= 0:
+                break
+            if now - worker.idle_since >= _IDLE_WORKER_S:
+                self.idle.remove(worker)
+                worker.state = "STOPPING"
+                self._kill(worker)
+                excess -= 1
+        self.loop.call_later(_REAP_EVERY_S, self._reap_idle)
 
     def _spawn(self, n: int) -> None:
         if n <= 0 or self.shutting_down:
@@ -203,6 +224,9 @@ class NodeManager:
         waiting = 0
         wanted = False
         remaining = deque()
+        # Resources as they will be once the requests waiting for a worker get one: only
+        # those requests need a new worker started.
+        promised = None
         while self.pending:
             conn, rid, resources = self.pending.popleft()
             if conn.closed:
@@ -213,7 +237,13 @@ class NodeManager:
                 continue
             if not self.idle:
                 remaining.append((conn, rid, resources))
-                waiting += 1
+                if promised is None:
+                    promised = dict(self.available)
+                if all(promised.get(k, 0.0) + _EPS >= v for k, v in resources.items() if v):
+                    for k, v in resources.items():
+                        if v:
+                            promised[k] = promised.get(k, 0.0) - v
+                    waiting += 1
                 continue
             worker = self.idle.popleft()
             for k, v in resources.items():
@@ -252,6 +282,7 @@ class NodeManager:
             holder.leases.discard(worker_id)
         self._give_back(worker)
         worker.state = IDLE
+        worker.idle_since = time.monotonic()
         self.idle.append(worker)
 
     def _on_return_lease(self, conn, worker_id, kill) -> None:

@@ -47,13 +47,22 @@ def note_ref(ref) -> None:
 
 
 def _is_plain(value, depth: int = 0) -> bool:
+    # On the hot path for every task's arguments: plain loops, no generators.
     t = type(value)
     if t in _PLAIN:
         return True
-    if depth < 2 and (t is tuple or t is list):
-        return all(_is_plain(v, depth + 1) for v in value)
-    if depth < 2 and t is dict:
-        return all(type(k) in _PLAIN and _is_plain(v, depth + 1) for k, v in value.items())
+    if depth > 2:
+        return False
+    if t is tuple or t is list:
+        for v in value:
+            if type(v) not in _PLAIN and not _is_plain(v, depth + 1):
+                return False
+        return True
+    if t is dict:
+        for k, v in value.items():
+            if type(k) not in _PLAIN or (type(v) not in _PLAIN and not _is_plain(v, depth + 1)):
+                return False
+        return True
     return False
 
 
