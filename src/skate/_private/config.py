@@ -10,14 +10,24 @@ import os
 from dataclasses import dataclass, fields
 
 
+def _bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 def _env(name: str, default, cast):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
+    if cast is bool:
+        cast = _bool
     try:
         return cast(raw)
     except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from exc
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {getattr(cast, '__name__', cast)}") from exc
 
 
 @dataclass
@@ -45,6 +55,9 @@ class Config:
     log_poll_s: float = 0.05
     # SKATE_TEMP_DIR: where sessions keep sockets, logs and spilled objects.
     temp_dir: str = "/tmp/skate"
+    # SKATE_KEEP_LOGS: 1 keeps the session directory (worker logs under logs/) after the
+    # embedded cluster shuts down; by default it is removed.
+    keep_logs: bool = False
     # SKATE_HEARTBEAT_S: how often node managers report to the GCS.
     heartbeat_s: float = 1.0
     # SKATE_NODE_DEATH_TIMEOUT_S: a node silent this long is declared dead by the GCS.

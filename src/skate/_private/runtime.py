@@ -109,7 +109,7 @@ def _check_resources(num_cpus, num_gpus, resources, object_store_memory) -> dict
 
 
 def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_store_memory=None,
-         ignore_reinit_error=False, namespace=None, _keep_logs=False):
+         ignore_reinit_error=False, namespace=None, _keep_logs=None):
     global _core
     with _lock:
         if _core is not None:
@@ -121,7 +121,8 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_s
             address = os.environ.get("SKATE_ADDRESS") or None
         if address is None:
             res = _check_resources(num_cpus, num_gpus, resources, object_store_memory)
-            _start_embedded(res, object_store_memory or _default_store_memory(), _keep_logs)
+            _start_embedded(res, object_store_memory or _default_store_memory(),
+                            CONFIG.keep_logs if _keep_logs is None else _keep_logs)
         else:
             if num_cpus is not None or num_gpus is not None or resources:
                 raise ValueError("num_cpus/num_gpus/resources describe a new cluster: they cannot be "

@@ -40,6 +40,7 @@ class LogMonitor:
         self.sink = sink
         self._tails: dict[str, _Tail] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # poll() runs on the monitor thread and on request
         self._thread = threading.Thread(target=self._run, name="skate-logs", daemon=True)
 
     def start(self) -> "LogMonitor":
@@ -59,6 +60,10 @@ class LogMonitor:
                 pass
 
     def poll(self) -> None:
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
         try:
             names = os.listdir(self.log_dir)
         except FileNotFoundError:

@@ -74,6 +74,7 @@ def main(opts: dict) -> int:
     _redirect_output(os.path.join(log_dir, "node.out"))
 
     monitor = LogMonitor(log_dir, lambda lines: loop.call_soon(nm.forward_logs, lines)).start()
+    nm.log_monitor = monitor
 
     gcs_server = None
     if opts.get("head"):

@@ -101,7 +101,9 @@ class NodeManager:
             M.NODE_INFO: self._on_node_info,
             M.KILL_WORKER: self._on_kill_worker,
             M.SHUTDOWN: self._on_shutdown,
+            M.FLUSH_LOGS: self._on_flush_logs,
         }
+        self.log_monitor = None
 
     # --- start-up -----------------------------------------------------------------------
     def start(self) -> None:
@@ -385,6 +387,11 @@ class NodeManager:
         for conn, client in self.clients.items():
             if client.is_driver and not conn.closed:
                 conn.send((M.LOG_LINES, lines))
+
+    def _on_flush_logs(self, conn, rid) -> None:
+        if self.log_monitor is not None:
+            self.log_monitor.poll()   # its lines are queued on the loop before this reply
+        self.loop.call_soon(conn.send, (M.REPLY, rid, True, None))
 
     # --- shutdown -----------------------------------------------------------------------
     def _on_shutdown(self, conn, *_):

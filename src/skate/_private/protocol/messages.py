@@ -18,6 +18,7 @@ Client (driver or worker core worker) <-> node manager
     KILL_WORKER(worker_id)           force-cancel: the node manager SIGKILLs it
     LOG_LINES(lines)                 node -> driver: [(is_err, prefix, text)]
     SHUTDOWN()                       embedded driver -> node: stop everything
+    FLUSH_LOGS(rid)                  -> REPLY once worker output so far was forwarded
 
 Core worker <-> core worker (caller to leased worker, borrower to owner)
     HELLO(worker_id)                 first message on a connection: who is calling
@@ -45,6 +46,7 @@ NODE_INFO = 12
 KILL_WORKER = 13
 LOG_LINES = 14
 SHUTDOWN = 15
+FLUSH_LOGS = 16
 
 HELLO = 20
 FUNCTION = 21

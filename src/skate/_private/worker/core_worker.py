@@ -451,6 +451,11 @@ class CoreWorker:
         if self.shut_down:
             return
         self.shut_down = True
+        if self.is_driver:
+            try:  # the last lines tasks printed reach the terminal before we go
+                self.node_request(M.FLUSH_LOGS, timeout=1.0)
+            except Exception:
+                pass
         self.loop.call_soon(self.submitter.return_all_leases)
         flushed = threading.Event()
         self.loop.call_soon(flushed.set)
