@@ -10,6 +10,7 @@ import numbers
 
 from skate import exceptions
 from skate._private import runtime
+from skate.actor import ActorClass, ActorHandle, get_actor, kill, method
 from skate.object_ref import ObjectRef
 from skate.remote_function import RemoteFunction
 
@@ -19,7 +20,8 @@ is_initialized = runtime.is_initialized
 
 
 def remote(*args, **options):
-    """``@skate.remote`` or ``@skate.remote(num_cpus=..., ...)`` on a function."""
+    """``@skate.remote`` or ``@skate.remote(num_cpus=..., ...)`` on a function (a task) or a
+    class (an actor)."""
     if len(args) == 1 and not options and callable(args[0]):
         return _make_remote(args[0], {})
     if args:
@@ -32,9 +34,7 @@ def remote(*args, **options):
 
 def _make_remote(obj, options):
     if isinstance(obj, type):
-        raise NotImplementedError(
-            f"@skate.remote on a class ({obj.__name__}) makes an actor; actors are not available "
-            f"in this version of skate yet")
+        return ActorClass(obj, options)
     return RemoteFunction(obj, options)
 
 
@@ -188,5 +188,5 @@ def nodes() -> list:
 
 
 __all__ = ["init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel",
-           "get_runtime_context", "cluster_resources", "available_resources", "nodes",
+           "get_actor", "kill", "method", "ActorClass", "ActorHandle", "get_runtime_context", "cluster_resources", "available_resources", "nodes",
            "ObjectRef", "RemoteFunction", "exceptions"]

@@ -128,7 +128,7 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_s
                 raise ValueError("num_cpus/num_gpus/resources describe a new cluster: they cannot be "
                                  "given when connecting to an existing one (address=...)")
             _connect(address)
-        _info["namespace"] = namespace or "anonymous"
+        _info["namespace"] = namespace or "default"
         atexit.register(shutdown)
         return context_info()
 

@@ -65,6 +65,7 @@ def main(opts: dict) -> int:
                      session_dir=session_dir, resources=opts["resources"], store=store,
                      zygote=zyg, embedded=opts.get("embedded", True), on_shutdown=done.set,
                      owner_pid=opts.get("driver_pid"))
+    nm.token = opts["token"]
     nm.start()
     loop.start()
 
@@ -135,6 +136,9 @@ def _start_gcs(opts, nm, loop):
     }
     client.register_node(info)
 
+    reporter = ActorReporter(client)
+    nm.actors.report = reporter.report
+
     def set_address():
         nm.gcs_address = address
     loop.call_soon(set_address)
@@ -155,6 +159,28 @@ def _start_gcs(opts, nm, loop):
             threading.Event().wait(1.0)
     threading.Thread(target=heartbeat, name="skate-heartbeat", daemon=True).start()
     return server
+
+
+class ActorReporter:
+    """Writes actor state changes to the GCS actor table, off the node's I/O thread."""
+
+    def __init__(self, client):
+        import queue
+        self.client = client
+        self.queue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="skate-actor-report", daemon=True).start()
+
+    def report(self, record: dict) -> None:
+        self.queue.put(record)
+
+    def _run(self) -> None:
+        from skate._private import actor_table
+        while True:
+            record = self.queue.get()
+            try:
+                actor_table.write(self.client, record)
+            except Exception:
+                pass
 
 
 def _write_latest(path: str, data: dict) -> None:

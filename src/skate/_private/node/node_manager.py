@@ -27,6 +27,7 @@ import signal
 import time
 from collections import deque
 
+from skate._private.node.actor_manager import ActorManager
 from skate._private.protocol import messages as M
 from skate._private.protocol.transport import Connection, EventLoop
 
@@ -38,7 +39,7 @@ _IDLE_WORKER_S = 5.0
 
 class _Worker:
     __slots__ = ("worker_id", "pid", "conn", "socket_path", "state", "holder", "resources",
-                 "blocked", "idle_since")
+                 "blocked", "idle_since", "actor_id")
 
     def __init__(self, worker_id, pid, conn, socket_path):
         self.worker_id = worker_id
@@ -50,6 +51,7 @@ class _Worker:
         self.holder = None          # the client Connection holding the lease
         self.resources = None       # resources of the current lease
         self.blocked = False
+        self.actor_id = None
 
 
 class _Client:
@@ -80,6 +82,7 @@ class NodeManager:
         self.owner_pid = owner_pid        # embedded: the driver the cluster belongs to
         self.socket_path = os.path.join(session_dir, "node.sock")
         self.gcs_address = None
+        self.token = None                 # the cluster token, handed to local clients
         self.clients: dict[Connection, _Client] = {}
         self.workers: dict[bytes, _Worker] = {}
         self.idle: deque[_Worker] = deque()
@@ -102,7 +105,13 @@ class NodeManager:
             M.KILL_WORKER: self._on_kill_worker,
             M.SHUTDOWN: self._on_shutdown,
             M.FLUSH_LOGS: self._on_flush_logs,
+            M.CREATE_ACTOR: lambda conn, rid, spec: self.actors.create(conn, rid, spec),
+            M.WATCH_ACTOR: lambda conn, actor_id: self.actors.watch(conn, actor_id),
+            M.KILL_ACTOR: lambda conn, actor_id, no_restart: self.actors.kill(actor_id, no_restart),
+            M.ACTOR_CREATED: self._on_actor_created,
+            M.ACTOR_EXITING: self._on_actor_exiting,
         }
+        self.actors = ActorManager(self)
         self.log_monitor = None
 
     # --- start-up -----------------------------------------------------------------------
@@ -149,7 +158,10 @@ class NodeManager:
             self.starting = max(0, self.starting - 1)
             worker = _Worker(info["worker_id"], info["pid"], conn, info["socket_path"])
             self.workers[worker.worker_id] = worker
-            self.idle.append(worker)
+            if not self.actors.take_worker(worker):
+                self.idle.append(worker)
+            else:
+                self.refill_pool()
         conn.send((M.REPLY, rid, True, self._info()))
         self._dispatch()
 
@@ -162,6 +174,7 @@ class NodeManager:
             "available": dict(self.available),
             "store_capacity": self.store.stats()["capacity"],
             "gcs_address": self.gcs_address,
+            "token": self.token,
             "num_workers": len(self.workers),
         }
 
@@ -172,6 +185,7 @@ class NodeManager:
         worker = self.workers.get(client.worker_id)
         if worker is not None and worker.conn is conn:
             self._worker_gone(worker)
+        self.actors.client_gone(conn, client.worker_id)
         for wid in list(client.leases):
             self._release_lease(wid)
         for oid in client.reservations:
@@ -195,9 +209,42 @@ class NodeManager:
             holder = self.clients.get(worker.holder)
             if holder is not None:
                 holder.leases.discard(worker.worker_id)
+        if worker.state == "ACTOR":
+            worker.state = "DEAD"
+            self.actors.worker_gone(worker)
         worker.state = "DEAD"
-        if not self.shutting_down and len(self.workers) + self.starting < self.min_workers:
-            self._spawn(self.min_workers - len(self.workers) - self.starting)
+        self.refill_pool()
+
+    def refill_pool(self) -> None:
+        """Keeps the pool of task workers (actor workers aside) at its size."""
+        if self.shutting_down:
+            return
+        pool = sum(1 for w in self.workers.values() if w.state != "ACTOR")
+        missing = self.min_workers - pool - self.starting + len(self.actors.waiting_worker)
+        if missing > 0:
+            self._spawn(missing)
+
+    def resources_freed(self) -> None:
+        if self.actors.waiting_resources:
+            self.loop.call_soon(self.actors.retry_waiting)
+        self.loop.call_soon(self._dispatch)
+
+    def ask_leases_back(self) -> None:
+        for c, client in self.clients.items():
+            if client.leases and not c.closed:
+                c.send((M.LEASE_WANTED,))
+
+    def _on_actor_created(self, conn, actor_id, error) -> None:
+        client = self.clients.get(conn)
+        worker = self.workers.get(client.worker_id) if client else None
+        if worker is not None:
+            self.actors.on_created(worker, actor_id, error)
+
+    def _on_actor_exiting(self, conn, actor_id, cause) -> None:
+        client = self.clients.get(conn)
+        worker = self.workers.get(client.worker_id) if client else None
+        if worker is not None:
+            self.actors.on_exiting(worker, actor_id, cause)
 
     # --- leases -------------------------------------------------------------------------
     def _on_request_lease(self, conn, rid, resources) -> None:
@@ -262,9 +309,7 @@ class NodeManager:
             self._spawn(waiting - self.starting)
         if wanted:
             # Idle leases held by callers may be what blocks these requests.
-            for c, client in self.clients.items():
-                if client.leases and not c.closed:
-                    c.send((M.LEASE_WANTED,))
+            self.ask_leases_back()
 
     def _give_back(self, worker: _Worker) -> None:
         if worker.resources and not worker.blocked:
@@ -285,7 +330,12 @@ class NodeManager:
         self._give_back(worker)
         worker.state = IDLE
         worker.idle_since = time.monotonic()
-        self.idle.append(worker)
+        if self.actors.waiting_resources:
+            self.loop.call_soon(self.actors.retry_waiting)
+        if not self.actors.take_worker(worker):
+            self.idle.append(worker)
+        else:
+            self.refill_pool()
 
     def _on_return_lease(self, conn, worker_id, kill) -> None:
         worker = self.workers.get(worker_id)
@@ -368,9 +418,7 @@ class NodeManager:
         if reclaim:
             # "Available" means not doing work: idle leases kept by callers for speed are
             # asked back first, and the answer waits a moment for them to return.
-            for c, client in self.clients.items():
-                if client.leases and not c.closed:
-                    c.send((M.LEASE_WANTED,))
+            self.ask_leases_back()
             self.loop.call_later(0.05, self._on_node_info, conn, rid)
             return
         info = self._info()
@@ -401,6 +449,7 @@ class NodeManager:
         if self.shutting_down:
             return
         self.shutting_down = True
+        self.actors.shutdown()
         for worker in list(self.workers.values()):
             self._kill(worker)
         self.zygote.close()  # the zygote kills what it started and exits

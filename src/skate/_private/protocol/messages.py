@@ -20,6 +20,15 @@ Client (driver or worker core worker) <-> node manager
     SHUTDOWN()                       embedded driver -> node: stop everything
     FLUSH_LOGS(rid)                  -> REPLY once worker output so far was forwarded
 
+Actors (the node manager runs each actor's life on its node)
+    CREATE_ACTOR(rid, spec)          client -> node: -> REPLY(rid, ok, None | error)
+    WATCH_ACTOR(actor_id)            client -> node: send me ACTOR_STATE now and on changes
+    ACTOR_STATE(record)              node -> client: state, worker address, cause
+    KILL_ACTOR(actor_id, no_restart) client -> node
+    BECOME_ACTOR(spec)               node -> worker: construct the actor
+    ACTOR_CREATED(actor_id, error)   worker -> node: error is None or a serialized error
+    ACTOR_EXITING(actor_id, cause)   worker -> node: intentional exit, do not restart
+
 Core worker <-> core worker (caller to leased worker, borrower to owner)
     HELLO(worker_id)                 first message on a connection: who is calling
     FUNCTION(fn_id, blob)            sent once per connection before tasks that use it
@@ -47,6 +56,13 @@ KILL_WORKER = 13
 LOG_LINES = 14
 SHUTDOWN = 15
 FLUSH_LOGS = 16
+CREATE_ACTOR = 17
+WATCH_ACTOR = 18
+ACTOR_STATE = 19
+KILL_ACTOR = 30
+BECOME_ACTOR = 31
+ACTOR_CREATED = 32
+ACTOR_EXITING = 33
 
 HELLO = 20
 FUNCTION = 21

@@ -43,6 +43,7 @@ from collections import deque
 _LEN = struct.Struct("<I")
 _RECV_SIZE = 1 << 18
 _LAZY_MAX_S = 0.02
+_IDLE_MAX_S = 0.2
 _dumps = pickle.dumps
 _loads = pickle.loads
 
@@ -250,7 +251,7 @@ class EventLoop:
 
     def call_lazily(self, fn, *args) -> None:
         """Runs ``fn(*args)`` on the I/O thread at its next tick, without waking it: for
-        work that may wait (at most ``_LAZY_MAX_S``) but must not cost a syscall."""
+        work that may wait (at most ``_IDLE_MAX_S``) but must not cost a syscall."""
         self._lazy.append((fn, args))
 
     def call_later(self, delay: float, fn, *args):
@@ -345,12 +346,14 @@ class EventLoop:
         timers = self._timers
         rfd = self._rfd
         while self._running:
-            timeout = None
+            # Never block for ever: lazy work (reference releases) queued while the loop
+            # sleeps must still run soon, without costing its producer a wake-up syscall.
+            timeout = _IDLE_MAX_S
             if callbacks or dirty:
                 timeout = 0
             elif timers:
-                timeout = max(0.0, timers[0][0] - time.monotonic())
-            if self._lazy and (timeout is None or timeout > _LAZY_MAX_S):
+                timeout = min(_IDLE_MAX_S, max(0.0, timers[0][0] - time.monotonic()))
+            if self._lazy and timeout > _LAZY_MAX_S:
                 timeout = _LAZY_MAX_S
             try:
                 events = sel.select(timeout)

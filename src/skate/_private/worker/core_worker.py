@@ -30,10 +30,14 @@ from skate._private.config import CONFIG
 from skate._private.object_store import serialization, shm
 from skate._private.protocol import messages as M
 from skate._private.protocol.transport import Connection, EventLoop, Replies
+from skate._private.worker.actor_submitter import ActorSubmitter
 from skate._private.worker.memory_store import ERROR, IN_STORE, INLINE, PENDING, MemoryStore
 from skate._private.worker.reference_counter import ReferenceCounter
 from skate._private.worker.submitter import TaskSpec, TaskSubmitter
 from skate.object_ref import ObjectRef
+
+
+ACTOR_KEY_LEN = 17  # b"A" + actor id: actor handles counted like refs
 
 
 class TopRef:
@@ -66,6 +70,8 @@ class CoreWorker:
         self.ref_counter = ReferenceCounter(self.worker_id, self._free_owned, self._release_borrowed,
                                             self.loop.call_lazily)
         self.submitter = TaskSubmitter(self)
+        self.actor_submitter = ActorSubmitter(self)
+        self._gcs = None
         self.executor = None            # set by workers
         self.node_replies = Replies()
         self.peer_replies = Replies()
@@ -118,6 +124,10 @@ class CoreWorker:
             self.node_replies.resolve(msg[1], msg[2], msg[3])
         elif kind == M.LEASE_WANTED:
             self.submitter.on_lease_wanted()
+        elif kind == M.ACTOR_STATE:
+            self.actor_submitter.on_state(msg[1])
+        elif kind == M.BECOME_ACTOR:
+            self.executor.become_actor(msg[1])
         elif kind == M.LOG_LINES:
             if self._log_sink is not None:
                 self._log_sink(msg[1])
@@ -156,7 +166,11 @@ class CoreWorker:
     def _on_peer_msg(self, conn, msg) -> None:
         kind = msg[0]
         if kind == M.TASK_DONE:
-            self.submitter.on_task_done(conn, msg[1], msg[2], msg[3])
+            peer = conn.peer
+            if type(peer) is tuple and peer[0] == "actor":
+                self.actor_submitter.on_task_done(peer[1], msg[1], msg[2])
+            else:
+                self.submitter.on_task_done(conn, msg[1], msg[2], msg[3])
         elif kind == M.PUSH_TASK:
             self.executor.enqueue(conn, msg[1])
         elif kind == M.FUNCTION:
@@ -179,7 +193,9 @@ class CoreWorker:
 
     def _on_peer_closed(self, conn) -> None:
         peer = conn.peer
-        if type(peer) is tuple and len(peer) == 2 and peer[0] == "owner":
+        if type(peer) is tuple and peer[0] == "actor":
+            self.actor_submitter.on_disconnected(peer[1])
+        elif type(peer) is tuple and len(peer) == 2 and peer[0] == "owner":
             self._peers.pop(peer[1], None)
             self._owner_died(peer[1])
         elif type(peer) is tuple:
@@ -219,6 +235,9 @@ class CoreWorker:
 
     # --- reference counting callbacks (I/O thread) ---------------------------------------
     def _free_owned(self, oid: bytes) -> None:
+        if len(oid) == ACTOR_KEY_LEN and oid[:1] == b"A":
+            self._actor_out_of_scope(oid[1:])
+            return
         e = self.memory_store.delete(oid)
         if e is not None and e.state == IN_STORE:
             self.free_in_store([oid])
@@ -402,8 +421,8 @@ class CoreWorker:
         return err
 
     # --- tasks ---------------------------------------------------------------------------
-    def submit_task(self, fn_id, fn_blob, name, args, kwargs, num_returns, resources, sched_key,
-                    max_retries, retry_exceptions) -> list:
+    def build_spec(self, fn_id, fn_blob, name, args, kwargs, num_returns, max_retries) -> tuple:
+        """A task spec (for a function or an actor method) and the refs to its returns."""
         spec = TaskSpec()
         spec.task_id = task_id = self.ids.task_id()
         spec.fn_id = fn_id
@@ -416,14 +435,13 @@ class CoreWorker:
         sobj = _serialize_args(name, args, kwargs)
         spec.args_blob = sobj.to_bytes()
         spec.top_refs = top_refs
-        nested = [(r.id, None if r.owner[0] == self.worker_id else r.owner) for r in sobj.contained_refs]
-        spec.arg_refs = [(oid, None if owner[0] == self.worker_id else owner) for oid, owner in top_refs] + nested
+        me = self.worker_id
+        spec.arg_refs = [(oid, None if owner[0] == me else owner) for oid, owner in top_refs] + \
+            [(r.id, None if r.owner[0] == me else r.owner) for r in sobj.contained_refs]
         spec.num_returns = num_returns
         spec.return_ids = [ids_mod.return_object_id(task_id, i) for i in range(max(num_returns, 1))]
-        spec.resources = resources
-        spec.sched_key = sched_key
         spec.retries_left = max_retries
-        spec.retry_exceptions = retry_exceptions
+        spec.retry_exceptions = False
         store = self.memory_store
         refs = []
         for oid in spec.return_ids:
@@ -431,8 +449,64 @@ class CoreWorker:
             refs.append(ObjectRef(oid, self.address))
         if spec.arg_refs:
             self.ref_counter.add_submitted(spec.arg_refs)
+        return spec, refs
+
+    def submit_task(self, fn_id, fn_blob, name, args, kwargs, num_returns, resources, sched_key,
+                    max_retries, retry_exceptions) -> list:
+        spec, refs = self.build_spec(fn_id, fn_blob, name, args, kwargs, num_returns, max_retries)
+        spec.resources = resources
+        spec.sched_key = sched_key
+        spec.retry_exceptions = retry_exceptions
         self.loop.call_soon(self.submitter.submit, spec)
         return refs
+
+    # --- actors --------------------------------------------------------------------------
+    def create_actor(self, spec: dict) -> None:
+        """Asks the node manager to create an actor; raises if no node can host it."""
+        try:
+            self.node_request(M.CREATE_ACTOR, spec)
+        except Exception as e:  # noqa: BLE001
+            raise exc_mod.InfeasibleTaskError(str(e)) from None
+        self.loop.call_soon(self.actor_submitter.watch, spec["actor_id"])
+
+    def submit_actor_task(self, actor_id, method, args, kwargs, num_returns, max_task_retries) -> list:
+        spec, refs = self.build_spec(None, None, method, args, kwargs, num_returns, max_task_retries)
+        self.loop.call_soon(self.actor_submitter.submit, actor_id, spec)
+        return refs
+
+    def _actor_out_of_scope(self, actor_id: bytes) -> None:
+        """Every handle to an actor this process owns is gone: stop it once its calls ran."""
+        from skate._private.worker.executor import TERMINATE
+        spec, _refs = self.build_spec(None, None, TERMINATE, (), {}, 1, 0)
+        self.actor_submitter.submit(actor_id, spec)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        self.loop.call_soon(self.actor_submitter.kill, actor_id, no_restart)
+
+    def gcs(self):
+        """A GCS client (created on first use: gRPC stays out of processes that do not need it)."""
+        if self._gcs is None:
+            from skate._private.gcs.client import GcsClient
+            address, token = self.gcs_address_and_token()
+            self._gcs = GcsClient(address, token)
+        return self._gcs
+
+    def gcs_address_and_token(self):
+        from skate._private import runtime
+        info = runtime.info()
+        address, token = info.get("gcs_address"), info.get("token")
+        deadline = time.monotonic() + CONFIG.node_start_timeout_s
+        while not address or not token:
+            node = self.node_request(M.NODE_INFO, False, timeout=10)
+            address = address or node.get("gcs_address")
+            token = token or node.get("token")
+            if address and token:
+                break
+            if time.monotonic() > deadline:
+                raise ConnectionError("the GCS of this cluster did not come up")
+            time.sleep(0.01)
+        info["gcs_address"], info["token"] = address, token
+        return address, token
 
     @staticmethod
     def _top(value, top_refs):
@@ -461,6 +535,8 @@ class CoreWorker:
         self.loop.call_soon(flushed.set)
         flushed.wait(1.0)
         self.loop.stop()
+        if self._gcs is not None:
+            self._gcs.close()
         try:
             os.unlink(self.socket_path)
         except OSError:

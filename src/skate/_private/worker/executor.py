@@ -21,12 +21,16 @@ May call: the core worker it serves, object_store, protocol.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import os
 import signal
 import sys
 import threading
 import time
 import traceback
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from skate import exceptions as exc_mod
 from skate._private.node.log_monitor import TASK_MARKER
@@ -37,6 +41,11 @@ from skate._private.worker.memory_store import IN_STORE, INLINE
 from skate.object_ref import ObjectRef
 
 _FLUSH_EVERY_S = 0.001
+TERMINATE = "__skate_terminate__"
+
+
+class ActorExitRequest(BaseException):
+    """Raised by ``skate.actor.exit_actor()``: ends the actor once this call returns."""
 
 
 class TaskExecutor:
@@ -50,6 +59,12 @@ class TaskExecutor:
         self.main_ident = threading.get_ident()
         self._last_name = None
         self._cancel_requested = None
+        self.actor = None              # the instance, in an actor's worker
+        self.actor_id = None
+        self.actor_pool = None         # threaded actor: max_concurrency threads
+        self.actor_loop = None         # async actor: its event loop (own thread)
+        self._semaphore = None
+        self.exit_cause = None
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame):
@@ -92,6 +107,10 @@ class TaskExecutor:
             if any(item[0] is conn for item in self.queue):
                 self.queue = deque(item for item in self.queue if item[0] is not conn)
 
+    # --- actors (I/O thread) -------------------------------------------------------------
+    def become_actor(self, spec) -> None:
+        self.enqueue(None, spec)
+
     # --- main thread ------------------------------------------------------------------
     def run_forever(self) -> None:
         queue = self.queue
@@ -104,6 +123,15 @@ class TaskExecutor:
                     cond.wait()
                 conn, wire = queue.popleft()
                 more = bool(queue)
+            if conn is None:
+                self._construct_actor(wire)
+                continue
+            if self.actor_pool is not None:       # threaded actor
+                self.actor_pool.submit(self._run_and_reply, conn, wire)
+                continue
+            if self.actor_loop is not None:       # async actor
+                asyncio.run_coroutine_threadsafe(self._run_async(conn, wire), self.actor_loop)
+                continue
             start = time.perf_counter()
             results = self.execute(wire)
             run_s = time.perf_counter() - start
@@ -112,11 +140,13 @@ class TaskExecutor:
             conn.send_deferred((M.TASK_DONE, wire[0], results, run_s))
             unflushed.add(conn)
             now = time.monotonic()
-            if not more or now - last_flush > _FLUSH_EVERY_S:
+            if not more or now - last_flush > _FLUSH_EVERY_S or self.exit_cause is not None:
                 for c in unflushed:
                     c.flush()
                 unflushed.clear()
                 last_flush = now
+            if self.exit_cause is not None:
+                self._exit_actor()
 
     def _function(self, fn_id):
         fn = self.functions.get(fn_id)
@@ -124,49 +154,160 @@ class TaskExecutor:
             fn = self.functions[fn_id] = serialization.deserialize(self.function_blobs.pop(fn_id))
         return fn
 
+    def _callable(self, fn_id, name):
+        if fn_id is not None:
+            return self._function(fn_id)
+        if self.actor is None:
+            raise RuntimeError(f"actor method {name}() was sent to a worker that is not an actor")
+        return getattr(self.actor, name)
+
     def execute(self, wire) -> list:
         task_id, fn_id, name, args_blob, prefetched, num_returns = wire
-        core = self.core
         self.current = task_id
         try:
-            if name != self._last_name:
-                self._last_name = name
-                sys.stdout.write(TASK_MARKER + name + "\n")
-                sys.stderr.write(TASK_MARKER + name + "\n")
+            self._mark(name)
             try:
-                fn = self._function(fn_id)
+                if fn_id is None and name == TERMINATE:
+                    self.exit_cause = "the actor was stopped gracefully (terminate, or every handle to it was dropped)"
+                    return self._pack(task_id, name, None, num_returns)
+                fn = self._callable(fn_id, name)
                 args, kwargs = serialization.deserialize(args_blob)
                 args, kwargs = self._resolve(args, kwargs, prefetched)
                 value = fn(*args, **kwargs)
-                if num_returns == 1:
-                    values = (value,)
-                elif num_returns == 0:
-                    values = (None,)
-                else:
-                    values = tuple(value)
-                    if len(values) != num_returns:
-                        raise ValueError(f"task {name}() declared num_returns={num_returns} but "
-                                         f"returned {len(values)} values")
             except exc_mod.TaskCancelledError:
-                err = serialization.dumps(exc_mod.TaskCancelledError(f"task {name}() was cancelled"))
-                return [(M.RESULT_ERROR, err)] * max(num_returns, 1)
+                return self._error(exc_mod.TaskCancelledError(f"task {name}() was cancelled"), num_returns)
+            except ActorExitRequest:
+                self.exit_cause = "the actor called exit_actor()"
+                return self._error(exc_mod.ActorDiedError(
+                    f"actor method {name}() called exit_actor(): the actor exited"), num_returns)
             except BaseException as e:  # noqa: BLE001 - user code may raise anything
-                if isinstance(e, (SystemExit, KeyboardInterrupt)) and not isinstance(e, Exception):
-                    pass
                 return [(M.RESULT_ERROR, _task_error(name, e))] * max(num_returns, 1)
-            results = []
-            for i, v in enumerate(values):
-                oid = task_id + i.to_bytes(4, "big")
-                try:
-                    sobj = serialization.serialize(v)
-                    core.ref_counter.add_contents(oid, sobj.contained_refs)
-                    results.append(core.store_value(oid, sobj))
-                    core.memory_store.delete(oid)  # the caller owns it, not us
-                except BaseException as e:  # noqa: BLE001
-                    results.append((M.RESULT_ERROR, _task_error(name, e)))
-            return results
+            return self._pack(task_id, name, value, num_returns)
         finally:
             self.current = None
+
+    def _mark(self, name) -> None:
+        if name != self._last_name:
+            self._last_name = name
+            sys.stdout.write(TASK_MARKER + name + "\n")
+            sys.stderr.write(TASK_MARKER + name + "\n")
+
+    @staticmethod
+    def _error(err, num_returns) -> list:
+        return [(M.RESULT_ERROR, serialization.dumps(err))] * max(num_returns, 1)
+
+    def _pack(self, task_id, name, value, num_returns) -> list:
+        try:
+            if num_returns == 1:
+                values = (value,)
+            elif num_returns == 0:
+                values = (None,)
+            else:
+                values = tuple(value)
+                if len(values) != num_returns:
+                    raise ValueError(f"task {name}() declared num_returns={num_returns} but "
+                                     f"returned {len(values)} values")
+        except BaseException as e:  # noqa: BLE001
+            return [(M.RESULT_ERROR, _task_error(name, e))] * max(num_returns, 1)
+        core = self.core
+        results = []
+        for i, v in enumerate(values):
+            oid = task_id + i.to_bytes(4, "big")
+            try:
+                sobj = serialization.serialize(v)
+                core.ref_counter.add_contents(oid, sobj.contained_refs)
+                results.append(core.store_value(oid, sobj))
+                core.memory_store.delete(oid)  # the caller owns it, not us
+            except BaseException as e:  # noqa: BLE001
+                results.append((M.RESULT_ERROR, _task_error(name, e)))
+        return results
+
+    # --- actors (main thread and the actor's threads) ------------------------------------
+    def _construct_actor(self, spec) -> None:
+        actor_id = spec["actor_id"]
+        name = spec.get("class_name", "Actor")
+        self._mark(f"{name}.__init__")
+        error = None
+        try:
+            cls = serialization.deserialize(spec["class_blob"])
+            args, kwargs = serialization.deserialize(spec["args_blob"])
+            args, kwargs = self._resolve(args, kwargs, spec.get("prefetched"))
+            self.actor = cls(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001
+            error = _task_error(f"{name}.__init__", e)
+        self.actor_id = actor_id
+        if error is None:
+            self._last_name = None
+            concurrency = spec.get("max_concurrency") or 1
+            if spec.get("is_async"):
+                self._start_async(concurrency)
+            elif concurrency > 1:
+                self.actor_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="skate-actor")
+        self.core.node_conn.send_now((M.ACTOR_CREATED, actor_id, error))
+
+    def _run_and_reply(self, conn, wire) -> None:
+        start = time.perf_counter()
+        results = self.execute(wire)
+        if not conn.closed:
+            conn.send((M.TASK_DONE, wire[0], results, time.perf_counter() - start))
+        if self.exit_cause is not None:
+            conn.flush()
+            self._exit_actor()
+
+    def _start_async(self, concurrency: int) -> None:
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(loop)
+            self._semaphore = asyncio.Semaphore(concurrency)
+            started.set()
+            loop.run_forever()
+        threading.Thread(target=run, name="skate-actor-loop", daemon=True).start()
+        started.wait()
+        self.actor_loop = loop
+
+    async def _run_async(self, conn, wire) -> None:
+        task_id, fn_id, name, args_blob, prefetched, num_returns = wire
+        start = time.perf_counter()
+        async with self._semaphore:
+            try:
+                if name == TERMINATE:
+                    self.exit_cause = "the actor was stopped gracefully (terminate, or every handle to it was dropped)"
+                    results = self._pack(task_id, name, None, num_returns)
+                else:
+                    fn = self._callable(fn_id, name)
+                    args, kwargs = serialization.deserialize(args_blob)
+                    args, kwargs = self._resolve(args, kwargs, prefetched)
+                    value = fn(*args, **kwargs)
+                    if inspect.isawaitable(value):
+                        value = await value
+                    results = self._pack(task_id, name, value, num_returns)
+            except ActorExitRequest:
+                self.exit_cause = "the actor called exit_actor()"
+                results = self._error(exc_mod.ActorDiedError(
+                    f"actor method {name}() called exit_actor(): the actor exited"), num_returns)
+            except BaseException as e:  # noqa: BLE001
+                results = [(M.RESULT_ERROR, _task_error(name, e))] * max(num_returns, 1)
+        if not conn.closed:
+            conn.send((M.TASK_DONE, task_id, results, time.perf_counter() - start))
+        if self.exit_cause is not None:
+            conn.flush()
+            self._exit_actor()
+
+    def _exit_actor(self) -> None:
+        """An intentional exit: the node manager records why and does not restart."""
+        core = self.core
+        try:
+            core.node_conn.send_now((M.ACTOR_EXITING, self.actor_id, self.exit_cause))
+        except Exception:
+            pass
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(0)
 
     def _resolve(self, args, kwargs, prefetched):
         if not any(type(a) is TopRef for a in args) and not any(type(v) is TopRef for v in kwargs.values()):
@@ -192,7 +333,6 @@ class TaskExecutor:
 
 def _task_error(name: str, e: BaseException) -> bytes:
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    import os
     err = exc_mod.TaskError(name, tb, e, os.getpid())
     try:
         return serialization.dumps(err)

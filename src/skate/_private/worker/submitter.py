@@ -124,11 +124,11 @@ class TaskSubmitter:
                     continue
                 e = store.get(oid)
                 if e is None:
-                    self._finish(spec, exc_mod.ObjectLostError(
+                    self.fail(spec, exc_mod.ObjectLostError(
                         f"argument object {oid.hex()} of task {spec.name}() was freed before the task ran"))
                     return
                 if e.state == ERROR:
-                    self._finish(spec, e.data)   # a failed dependency fails the task
+                    self.fail(spec, e.data)   # a failed dependency fails the task
                     return
                 pre[oid] = (M.RESULT_INLINE, e.data) if e.state == INLINE else (M.RESULT_IN_STORE, e.data)
             spec.prefetched = pre or None
@@ -173,7 +173,7 @@ class TaskSubmitter:
             err = exc_mod.InfeasibleTaskError(reason) if isinstance(value, tuple) and value[0] == "infeasible" \
                 else exc_mod.WorkerCrashedError(f"could not lease a worker: {reason}")
             while cls.queue:
-                self._finish(cls.queue.popleft(), err)
+                self.fail(cls.queue.popleft(), err)
             return
         worker_id, socket_path = value
         if not cls.queue:
@@ -207,7 +207,7 @@ class TaskSubmitter:
                 cls_ = self.classes[spec.sched_key]
                 cls_.queue.appendleft(spec)
             else:
-                self._complete(spec, results)
+                self.complete(spec, results)
         if ref is not None:
             self._pump(ref[0])
 
@@ -223,7 +223,7 @@ class TaskSubmitter:
         cause = getattr(err, "cause", err)
         return isinstance(cause, tuple(spec.retry_exceptions))
 
-    def _complete(self, spec: TaskSpec, results) -> None:
+    def complete(self, spec: TaskSpec, results) -> None:
         spec.done = True
         self.tasks.pop(spec.task_id, None)
         core = self.core
@@ -245,7 +245,7 @@ class TaskSubmitter:
         if spec.arg_refs:
             core.ref_counter.remove_submitted(spec.arg_refs)
 
-    def _finish(self, spec: TaskSpec, error: BaseException) -> None:
+    def fail(self, spec: TaskSpec, error: BaseException) -> None:
         """Ends a task with ``error`` for every return."""
         if spec.done:
             return
@@ -266,13 +266,13 @@ class TaskSubmitter:
             if spec.done:
                 continue
             if spec.cancelled:
-                self._finish(spec, exc_mod.TaskCancelledError(f"task {spec.name}() was cancelled"))
+                self.fail(spec, exc_mod.TaskCancelledError(f"task {spec.name}() was cancelled"))
             elif spec.retries_left > 0:
                 spec.retries_left -= 1
                 spec.worker = None
                 cls.queue.appendleft(spec)
             else:
-                self._finish(spec, exc_mod.WorkerCrashedError(
+                self.fail(spec, exc_mod.WorkerCrashedError(
                     f"the worker running task {spec.name}() died unexpectedly (its process exited "
                     f"or was killed) and its retries are spent; raise max_retries to retry more, "
                     f"and check the worker logs for the cause"))
@@ -329,7 +329,7 @@ class TaskSubmitter:
                     cls.queue.remove(spec)
                 except ValueError:
                     pass
-            self._finish(spec, exc_mod.TaskCancelledError(f"task {spec.name}() was cancelled"))
+            self.fail(spec, exc_mod.TaskCancelledError(f"task {spec.name}() was cancelled"))
             return
         leased = spec.worker
         leased.conn.send((M.CANCEL_TASK, task_id, force))

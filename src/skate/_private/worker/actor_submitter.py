@@ -1,0 +1,209 @@
+"""The actor submitter: a caller's side of its calls to actors.
+
+::
+
+    handle.m.remote() --> actor queue (submission order) --head's deps ready, actor ALIVE-->
+        PUSH_TASK straight to the actor's worker --> TASK_DONE --> memory store
+    ACTOR_STATE from the node manager: ALIVE (connect, send), RESTARTING (hold calls),
+        DEAD (every queued and in-flight call fails with ActorDiedError and the cause)
+    connection to the actor lost --> in-flight calls with retries left go back to the
+        front of the queue (in order) and wait for the restart; the others fail
+
+Per-caller order: calls leave in submission order on one connection, and the actor runs
+them in arrival order, so a caller's calls run in the order it made them. A call whose
+ObjectRef arguments are not ready holds back the calls after it (head of line) rather
+than being overtaken.
+
+Confined to the I/O thread, like the task submitter. May call: the core worker.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from skate import exceptions as exc_mod
+from skate._private.object_store import serialization
+from skate._private.protocol import messages as M
+from skate._private.worker.memory_store import ERROR, INLINE
+
+ALIVE, DEAD = "ALIVE", "DEAD"
+
+
+class _Actor:
+    __slots__ = ("actor_id", "state", "conn", "worker_id", "queue", "inflight", "cause",
+                 "class_name", "watching", "lost")
+
+    def __init__(self, actor_id):
+        self.actor_id = actor_id
+        self.state = "PENDING_CREATION"
+        self.conn = None
+        self.worker_id = None
+        self.queue: deque = deque()
+        self.inflight: OrderedDict = OrderedDict()
+        self.lost: list = []          # in flight when the connection dropped: await the verdict
+        self.cause = None
+        self.class_name = "actor"
+        self.watching = False
+
+
+class ActorSubmitter:
+    def __init__(self, core):
+        self.core = core
+        self.loop = core.loop
+        self.actors: dict[bytes, _Actor] = {}
+
+    def _actor(self, actor_id) -> _Actor:
+        a = self.actors.get(actor_id)
+        if a is None:
+            a = self.actors[actor_id] = _Actor(actor_id)
+        if not a.watching:
+            a.watching = True
+            self.core.node_conn.send((M.WATCH_ACTOR, actor_id))
+        return a
+
+    def watch(self, actor_id) -> None:
+        self._actor(actor_id)
+
+    # --- calls -------------------------------------------------------------------------
+    def submit(self, actor_id, spec) -> None:
+        a = self._actor(actor_id)
+        if a.state == DEAD:
+            self.core.submitter.fail(spec, self._died(a))
+            return
+        a.queue.append(spec)
+        store = self.core.memory_store
+        me = self.core.worker_id
+        pending = [oid for oid, owner in spec.top_refs if owner[0] == me and not store.is_ready(oid)]
+        spec.deps_left = len(pending)
+        for oid in pending:
+            store.on_ready(oid, lambda _e, spec=spec, a=a: self.loop.call_soon(self._dep_ready, a, spec))
+        self._pump(a)
+
+    def _dep_ready(self, a: _Actor, spec) -> None:
+        spec.deps_left -= 1
+        if spec.deps_left == 0:
+            self._pump(a)
+
+    def _pump(self, a: _Actor) -> None:
+        if a.state != ALIVE or a.conn is None:
+            return
+        queue = a.queue
+        store = self.core.memory_store
+        me = self.core.worker_id
+        while queue and queue[0].deps_left <= 0:
+            spec = queue.popleft()
+            if spec.done:
+                continue
+            if spec.top_refs:
+                pre = {}
+                failed = None
+                for oid, owner in spec.top_refs:
+                    if owner[0] != me:
+                        continue
+                    e = store.get(oid)
+                    if e is None or e.state == ERROR:
+                        failed = e.data if e is not None else exc_mod.ObjectLostError(
+                            f"argument object {oid.hex()} was freed before the call ran")
+                        break
+                    pre[oid] = (M.RESULT_INLINE, e.data) if e.state == INLINE else (M.RESULT_IN_STORE, e.data)
+                if failed is not None:
+                    self.core.submitter.fail(spec, failed)
+                    continue
+                spec.prefetched = pre or None
+            a.inflight[spec.task_id] = spec
+            a.conn.send((M.PUSH_TASK, spec.wire()))
+
+    def on_task_done(self, a: _Actor, task_id, results) -> None:
+        spec = a.inflight.pop(task_id, None)
+        if spec is not None and not spec.done:
+            self.core.submitter.complete(spec, results)
+
+    # --- state ---------------------------------------------------------------------------
+    def on_state(self, record: dict) -> None:
+        a = self.actors.get(record["actor_id"])
+        if a is None:
+            # A creator hears of its actor before it made a call: remember the state.
+            a = self.actors[record["actor_id"]] = _Actor(record["actor_id"])
+            a.watching = True
+        state = record["state"]
+        a.class_name = record.get("class_name") or a.class_name
+        if state == DEAD:
+            a.state = DEAD
+            a.cause = record.get("cause")
+            err = self._died(a)
+            for spec in a.lost + list(a.inflight.values()) + list(a.queue):
+                self.core.submitter.fail(spec, err)
+            a.inflight.clear()
+            a.queue.clear()
+            a.lost = []
+            if a.conn is not None:
+                a.conn.peer = None
+                a.conn.close()
+                a.conn = None
+            return
+        if state == ALIVE and record.get("worker_id") and record["worker_id"] != a.worker_id:
+            try:
+                conn = self.core.connect_peer_for_lease(record["socket_path"])
+            except ConnectionError:
+                return  # it died already; the next state update tells what follows
+            if a.conn is not None:   # the old connection's close is still on its way
+                a.conn.peer = None
+                a.conn.close()
+                a.lost.extend(a.inflight.values())
+                a.inflight.clear()
+            self._retry_lost(a)
+            conn.peer = ("actor", a)
+            a.conn = conn
+            a.worker_id = record["worker_id"]
+            a.state = ALIVE
+            self._pump(a)
+        elif state != ALIVE:
+            a.state = state
+            if state == "RESTARTING":
+                self._retry_lost(a)
+
+    def on_disconnected(self, a: _Actor) -> None:
+        """The actor's worker connection closed: hold its calls for the node's verdict
+        (DEAD with a cause, or RESTARTING)."""
+        a.conn = None
+        a.worker_id = None
+        if a.state == ALIVE:
+            a.state = "RECONNECTING"
+        a.lost.extend(a.inflight.values())
+        a.inflight.clear()
+
+    def _retry_lost(self, a: _Actor) -> None:
+        """The actor restarts: lost calls with retries left go first, in order; the
+        others fail."""
+        retry = []
+        for spec in a.lost:
+            if spec.done:
+                continue
+            if spec.retries_left > 0:
+                spec.retries_left -= 1
+                retry.append(spec)
+            else:
+                self.core.submitter.fail(spec, exc_mod.ActorDiedError(
+                    f"the actor {a.class_name} died while running {spec.name}() (its process exited "
+                    f"or was killed) and is restarting; the call was not retried: set "
+                    f"max_task_retries to retry calls on a restarted actor"))
+        a.lost = []
+        a.queue.extendleft(reversed(retry))
+
+    def _died(self, a: _Actor) -> exc_mod.ActorDiedError:
+        cause = a.cause
+        if isinstance(cause, (bytes, bytearray)):
+            try:
+                err = serialization.deserialize(cause)
+                cause = "its constructor raised:\n\n" + getattr(err, "traceback_str", str(err))
+            except Exception:  # noqa: BLE001
+                cause = "its constructor raised an exception that could not be read back"
+        return exc_mod.ActorDiedError(f"the actor {a.class_name} ({a.actor_id.hex()}) is dead: {cause}")
+
+    def kill(self, actor_id, no_restart: bool) -> None:
+        self._actor(actor_id)
+        self.core.node_conn.send((M.KILL_ACTOR, actor_id, no_restart))
+
+    def state_of(self, actor_id):
+        a = self.actors.get(actor_id)
+        return None if a is None else a.state
