@@ -1,4 +1,4 @@
-"""The node's actor manager: the life of every actor placed on this node.
+r"""The node's actor manager: the life of every actor placed on this node.
 
 ::
 

@@ -1,4 +1,4 @@
-"""The node manager (Ray's raylet): worker leases, the worker pool, the object store.
+r"""The node manager (Ray's raylet): worker leases, the worker pool, the object store.
 
 Owns, for one node: the resource accounting, the pool of worker processes (started from
 the zygote), the grants of worker leases to callers (the local scheduler), and the

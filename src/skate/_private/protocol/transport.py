@@ -1,4 +1,4 @@
-"""The same-node transport: framed, batched messages over Unix sockets.
+r"""The same-node transport: framed, batched messages over Unix sockets.
 
 Owns the I/O thread of every skate process (driver, worker, node manager) and the
 connections it serves. Measured against gRPC over a Unix socket, a hand-made framed

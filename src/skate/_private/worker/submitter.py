@@ -1,4 +1,4 @@
-"""The task submitter: leases, pipelined pushes, retries. The caller's hot path.
+r"""The task submitter: leases, pipelined pushes, retries. The caller's hot path.
 
 ::
 
