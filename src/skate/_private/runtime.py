@@ -72,6 +72,15 @@ def attach_worker(core_worker) -> None:
     _info.update({"mode": "worker"})
 
 
+def retire_worker_after_task() -> None:
+    """Inside a task: this worker process exits once the task's result is sent, and a
+    fresh one replaces it (how the adapters implement max_tasks_per_child)."""
+    c = _core
+    if c is None or c.executor is None or c.executor.actor is not None:
+        raise RuntimeError("retire_worker_after_task() is for code running inside a task")
+    c.executor.retire = True
+
+
 def _latest_file() -> str:
     return os.path.join(CONFIG.temp_dir, "latest_cluster.json")
 

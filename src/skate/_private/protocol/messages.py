@@ -34,6 +34,7 @@ Core worker <-> core worker (caller to leased worker, borrower to owner)
     FUNCTION(fn_id, blob)            sent once per connection before tasks that use it
     PUSH_TASK(spec)                  -> TASK_DONE(task_id, results, worker_error)
     CANCEL_TASK(task_id, force)
+    RETIRING()                       worker -> caller: last reply sent, exiting on purpose
     GET_OBJECT(rid, oid)             -> REPLY(rid, ok, (kind, payload)) once ready
     ADD_BORROWER(oids) / REMOVE_BORROWER(oids)
     REPLY(rid, ok, value)
@@ -72,6 +73,7 @@ CANCEL_TASK = 24
 GET_OBJECT = 25
 ADD_BORROWER = 26
 REMOVE_BORROWER = 27
+RETIRING = 28
 
 # Result kinds inside TASK_DONE and GET_OBJECT replies.
 RESULT_INLINE = 0     # payload: serialized bytes

@@ -187,6 +187,8 @@ class CoreWorker:
                 self.ref_counter.remove_borrower(oid, conn.peer)
         elif kind == M.HELLO:
             conn.peer = msg[1]
+        elif kind == M.RETIRING:
+            self.submitter.on_worker_retiring(conn)
         elif kind == M.CANCEL_TASK:
             if self.executor is not None:
                 self.executor.cancel(conn, msg[1], msg[2])

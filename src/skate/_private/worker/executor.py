@@ -65,6 +65,8 @@ class TaskExecutor:
         self.actor_loop = None         # async actor: its event loop (own thread)
         self._semaphore = None
         self.exit_cause = None
+        self.callers: set = set()      # connections that pushed tasks here
+        self.retire = False            # leave after the current task (worker recycling)
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame):
@@ -77,6 +79,8 @@ class TaskExecutor:
         self.function_blobs[fn_id] = blob
 
     def enqueue(self, conn, wire) -> None:
+        if conn is not None:
+            self.callers.add(conn)
         with self.cond:
             self.queue.append((conn, wire))
             if len(self.queue) == 1:
@@ -103,6 +107,7 @@ class TaskExecutor:
             self.core.submitter.cancel(tid, False)
 
     def caller_gone(self, conn) -> None:
+        self.callers.discard(conn)
         with self.cond:
             if any(item[0] is conn for item in self.queue):
                 self.queue = deque(item for item in self.queue if item[0] is not conn)
@@ -147,6 +152,23 @@ class TaskExecutor:
                 last_flush = now
             if self.exit_cause is not None:
                 self._exit_actor()
+            if self.retire:
+                self._retire()
+
+    def _retire(self) -> None:
+        """Leaves after the task that asked for it (e.g. max_tasks_per_child). RETIRING
+        follows the last reply on every caller connection: callers resubmit what they
+        still have in flight here elsewhere, without counting a retry. The node manager
+        starts a fresh worker in this one's place."""
+        for conn in list(self.callers):
+            if not conn.closed:
+                conn.send_now((M.RETIRING,))
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(0)
 
     def _function(self, fn_id):
         fn = self.functions.get(fn_id)

@@ -256,6 +256,22 @@ class TaskSubmitter:
         if spec.arg_refs:
             self.core.ref_counter.remove_submitted(spec.arg_refs)
 
+    def on_worker_retiring(self, conn) -> None:
+        """The worker leaves on purpose after its last reply: what is still in flight
+        there never ran; it goes back to the front of the queue, no retry spent."""
+        ref = conn.peer
+        if ref is None:
+            return
+        cls, leased = ref
+        conn.peer = None
+        cls.workers.pop(leased.worker_id, None)
+        requeue = [spec for spec in leased.inflight.values() if not spec.done]
+        leased.inflight.clear()
+        for spec in reversed(requeue):
+            spec.worker = None
+            cls.queue.appendleft(spec)
+        self._pump(cls)
+
     def on_worker_lost(self, conn) -> None:
         ref = conn.peer
         if ref is None:
