@@ -20,6 +20,7 @@ May call: protocol, object_store, worker.* parts, config, ids. Never the public 
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import sys
 import threading
 import time
@@ -72,6 +73,8 @@ class CoreWorker:
         self.submitter = TaskSubmitter(self)
         self.actor_submitter = ActorSubmitter(self)
         self._gcs = None
+        self._ready_callbacks = queue_mod.SimpleQueue()
+        self._callback_thread = None
         self.executor = None            # set by workers
         self.node_replies = Replies()
         self.peer_replies = Replies()
@@ -266,17 +269,41 @@ class CoreWorker:
             except ConnectionError:
                 pass
 
+    def on_ref_ready(self, ref, fn) -> None:
+        """Calls ``fn(ref)`` once the object is ready (value or error), on this process's
+        callback thread: never on the I/O thread (a get there could deadlock), and one
+        thread for all callbacks rather than one per ref."""
+        self._ensure_fetch([ref])
+        self.memory_store.on_ready(ref.id, lambda _e: self._ready_callbacks.put((fn, ref)))
+        if self._callback_thread is None:
+            with self._peer_lock:
+                if self._callback_thread is None:
+                    t = threading.Thread(target=self._run_callbacks, name="skate-callbacks", daemon=True)
+                    t.start()
+                    self._callback_thread = t
+
+    def _run_callbacks(self) -> None:
+        get = self._ready_callbacks.get
+        while True:
+            fn, ref = get()
+            if fn is None:
+                return
+            try:
+                fn(ref)
+            except Exception:  # noqa: BLE001 - a callback's error must not stop the others
+                import traceback
+                traceback.print_exc()
+
     def as_future(self, ref):
         import concurrent.futures
         fut = concurrent.futures.Future()
 
-        def done(_entry):
+        def done(r):
             try:
-                fut.set_result(self.get_values([ref], None)[0])
+                fut.set_result(self.get_values([r], None)[0])
             except BaseException as e:  # noqa: BLE001 - the future carries it
                 fut.set_exception(e)
-        self._ensure_fetch([ref])
-        self.memory_store.on_ready(ref.id, lambda e: threading.Thread(target=done, args=(e,), daemon=True).start())
+        self.on_ref_ready(ref, done)
         return fut
 
     # --- put -----------------------------------------------------------------------------
@@ -537,6 +564,8 @@ class CoreWorker:
         self.loop.call_soon(flushed.set)
         flushed.wait(1.0)
         self.loop.stop()
+        if self._callback_thread is not None:
+            self._ready_callbacks.put((None, None))
         if self._gcs is not None:
             self._gcs.close()
         try:
