@@ -77,6 +77,12 @@ class ActorManager:
         self.waiting_worker: deque = deque()
         self.waiting_resources: deque = deque()
 
+    def start_reporting(self, report) -> None:
+        """The GCS is up: report every actor created before it was, then each change."""
+        self.report = report
+        for actor in self.actors.values():
+            report(actor.record(self.nm.node_id))
+
     # --- requests -------------------------------------------------------------------------
     def create(self, conn, rid, spec) -> None:
         res = spec.get("resources") or {}

@@ -137,9 +137,10 @@ def _start_gcs(opts, nm, loop):
     client.register_node(info)
 
     reporter = ActorReporter(client)
-    nm.actors.report = reporter.report
 
     def set_address():
+        # On the I/O thread, so no actor is created between the catch-up and the switch.
+        nm.actors.start_reporting(reporter.report)
         nm.gcs_address = address
     loop.call_soon(set_address)
     if opts.get("latest_file"):
