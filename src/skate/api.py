@@ -104,7 +104,7 @@ def cancel(object_ref, *, force=False, recursive=True):
     """
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got a {type(object_ref).__name__}")
-    runtime.core().cancel(object_ref, force)
+    runtime.core().cancel(object_ref, force, recursive)
 
 
 class RuntimeContext:
@@ -114,7 +114,7 @@ class RuntimeContext:
         self._core = core
 
     def get_job_id(self) -> str:
-        return runtime.info().get("job_id") or ""
+        return self._core.job_id or runtime.info().get("job_id") or ""
 
     def get_task_id(self):
         ex = self._core.executor

@@ -47,7 +47,10 @@ class TaskError(SkateError):
             return self
         cause_cls = type(cause)
         if issubclass(cause_cls, TaskError):
-            return cause
+            # A task re-raised the error of a task it called: keep the innermost cause's
+            # type, and this task's traceback (whose message holds the inner one's).
+            return TaskError(self.function_name, self.traceback_str, cause.cause,
+                             self.pid).as_instanceof_cause()
         cls = _dual_class(cause_cls)
         if cls is None:
             return self

@@ -164,14 +164,28 @@ def _start_embedded(resources: dict, store_memory: int, keep_logs: bool) -> None
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
     ready = _read_ready(proc)
     _node_proc = proc
+    job_id = secrets.token_hex(4)
     c = CoreWorker(session=session, session_dir=session_dir, node_socket=ready["node_socket"],
-                   is_driver=True, log_sink=print_log_lines)
+                   is_driver=True, log_sink=print_log_lines, job_id=job_id, import_paths=_driver_paths())
     c.register({"embedded_owner": True})
     _core = c
     set_hooks(c)
     _info.clear()
     _info.update({"mode": "driver", "session": session, "session_dir": session_dir, "token": token,
-                  "node_pid": proc.pid, "embedded": True, "job_id": secrets.token_hex(4)})
+                  "node_pid": proc.pid, "embedded": True, "job_id": job_id})
+
+
+def _driver_paths() -> list:
+    """Where the driver's own modules come from: its script's directory and its working
+    directory. Workers add them to sys.path, so tasks can import modules next to the
+    script (what Ray's workers do too)."""
+    paths = []
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if script:
+        paths.append(os.path.dirname(os.path.abspath(script)))
+    paths.append(os.getcwd())
+    return [p for i, p in enumerate(paths) if p and p not in paths[:i]]
 
 
 def _read_ready(proc: subprocess.Popen) -> dict:
@@ -223,14 +237,15 @@ def _connect(address: str) -> None:
     if not nodes:
         raise ConnectionError(f"the cluster at {address} has no live node on this machine to connect through")
     node = nodes[0]
+    job_id = secrets.token_hex(4)
     c = CoreWorker(session=node["session"], session_dir=node["session_dir"], node_socket=node["node_socket"],
-                   is_driver=True, log_sink=print_log_lines)
+                   is_driver=True, log_sink=print_log_lines, job_id=job_id, import_paths=_driver_paths())
     c.register()
     _core = c
     set_hooks(c)
     _info.clear()
     _info.update({"mode": "driver", "session": node["session"], "session_dir": node["session_dir"],
-                  "gcs_address": address, "token": token, "embedded": False, "job_id": secrets.token_hex(4)})
+                  "gcs_address": address, "token": token, "embedded": False, "job_id": job_id})
     gcs.close()
 
 

@@ -190,6 +190,8 @@ class NodeManager:
             self._release_lease(wid)
         for oid in client.reservations:
             self.store.abort(oid)
+        # Objects live as long as their owner: an owner gone frees what it owned.
+        self.store.free_owned_by(client.worker_id)
         self.pending = deque(p for p in self.pending if p[0] is not conn)
         if client.is_driver and self.embedded and client.pid == self.owner_pid:
             # The embedded cluster belongs to the driver that started it: when that one

@@ -185,6 +185,14 @@ class ObjectStore:
 
     # -- release --------------------------------------------------------------------
 
+    def free_owned_by(self, owner_prefix: bytes) -> int:
+        """The owner process is gone: frees every object it owned (an object id starts
+        with its owner's worker id). Returns how many."""
+        doomed = [oid for oid in self._entries if oid.startswith(owner_prefix)]
+        for oid in doomed:
+            self.free(oid)
+        return len(doomed)
+
     def free(self, object_id: bytes) -> None:
         """The owner dropped the last reference: removes the segment and any spill file."""
         entry = self._entries.pop(object_id, None)

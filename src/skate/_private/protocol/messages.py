@@ -30,10 +30,11 @@ Actors (the node manager runs each actor's life on its node)
     ACTOR_EXITING(actor_id, cause)   worker -> node: intentional exit, do not restart
 
 Core worker <-> core worker (caller to leased worker, borrower to owner)
-    HELLO(worker_id)                 first message on a connection: who is calling
+    HELLO(worker_id, job_id, paths)  first message on a connection: who calls, for which
+                                     job, and the directories its code imports from
     FUNCTION(fn_id, blob)            sent once per connection before tasks that use it
     PUSH_TASK(spec)                  -> TASK_DONE(task_id, results, worker_error)
-    CANCEL_TASK(task_id, force)
+    CANCEL_TASK(task_id, force, recursive)
     RETIRING()                       worker -> caller: last reply sent, exiting on purpose
     GET_OBJECT(rid, oid)             -> REPLY(rid, ok, (kind, payload)) once ready
     ADD_BORROWER(oids) / REMOVE_BORROWER(oids)

@@ -56,12 +56,14 @@ class TopRef:
 
 class CoreWorker:
     def __init__(self, *, session: str, session_dir: str, node_socket: str, is_driver: bool,
-                 job_id=None, log_sink=None):
+                 job_id=None, log_sink=None, import_paths=None):
         self.worker_id = ids_mod.new_worker_id()
         self.session = session
         self.session_dir = session_dir
         self.is_driver = is_driver
         self.job_id = job_id
+        # Directories callers' code imports from, passed on to the workers it calls.
+        self.import_paths: list = list(import_paths or ())
         self.ids = ids_mod.IdSource(self.worker_id)
         self.socket_path = os.path.join(session_dir, f"w-{self.worker_id.hex()}.sock")
         self.address = (self.worker_id, self.socket_path)
@@ -147,7 +149,7 @@ class CoreWorker:
 
     def _connect(self, socket_path: str) -> Connection:
         conn = self.loop.connect_unix(socket_path, self._on_peer_msg, self._on_peer_closed, timeout=5.0)
-        conn.send((M.HELLO, self.worker_id))
+        conn.send((M.HELLO, self.worker_id, self.job_id, self.import_paths))
         return conn
 
     def connect_peer_for_lease(self, socket_path: str) -> Connection:
@@ -190,11 +192,23 @@ class CoreWorker:
                 self.ref_counter.remove_borrower(oid, conn.peer)
         elif kind == M.HELLO:
             conn.peer = msg[1]
+            self._adopt_caller_context(msg[2], msg[3])
         elif kind == M.RETIRING:
             self.submitter.on_worker_retiring(conn)
         elif kind == M.CANCEL_TASK:
             if self.executor is not None:
-                self.executor.cancel(conn, msg[1], msg[2])
+                self.executor.cancel(conn, msg[1], msg[2], msg[3])
+
+    def _adopt_caller_context(self, job_id, paths) -> None:
+        """A caller's job and import paths: a worker runs its tasks as part of that job,
+        and can import the modules next to the driver's script (as Ray's workers can)."""
+        if job_id is not None and self.executor is not None:
+            self.job_id = job_id
+        for path in reversed(paths or ()):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+                if path not in self.import_paths:
+                    self.import_paths.append(path)
 
     def _on_peer_closed(self, conn) -> None:
         peer = conn.peer
@@ -544,10 +558,10 @@ class CoreWorker:
             return TopRef(value.id, value.owner)
         return value
 
-    def cancel(self, ref: ObjectRef, force: bool) -> None:
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool = True) -> None:
         if ref.owner[0] != self.worker_id:
             raise ValueError("cancel() works on refs returned by tasks this process submitted")
-        self.loop.call_soon(self.submitter.cancel, ref.id[:16], force)
+        self.loop.call_soon(self.submitter.cancel, ref.id[:16], force, recursive)
 
     # --- shutdown --------------------------------------------------------------------------
     def shutdown(self) -> None:

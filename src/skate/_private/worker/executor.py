@@ -86,7 +86,7 @@ class TaskExecutor:
             if len(self.queue) == 1:
                 self.cond.notify()
 
-    def cancel(self, conn, task_id, force) -> None:
+    def cancel(self, conn, task_id, force, recursive=True) -> None:
         with self.cond:
             for item in self.queue:
                 if item[1][0] == task_id:
@@ -99,12 +99,12 @@ class TaskExecutor:
             # such as time.sleep, which an asynchronous exception would wait out.
             self._cancel_requested = task_id
             signal.pthread_kill(self.main_ident, signal.SIGINT)
-        # Children it submitted go too (recursive cancel).
-        self.core.loop.call_soon(self._cancel_children)
+        if recursive:  # the tasks it submitted go too
+            self.core.loop.call_soon(self._cancel_children)
 
     def _cancel_children(self) -> None:
         for tid in list(self.core.submitter.tasks):
-            self.core.submitter.cancel(tid, False)
+            self.core.submitter.cancel(tid, False, True)
 
     def caller_gone(self, conn) -> None:
         self.callers.discard(conn)

@@ -333,7 +333,7 @@ class TaskSubmitter:
                 self._give_up(cls, leased)
 
     # --- cancellation ------------------------------------------------------------------
-    def cancel(self, task_id: bytes, force: bool) -> None:
+    def cancel(self, task_id: bytes, force: bool, recursive: bool = True) -> None:
         spec = self.tasks.get(task_id)
         if spec is None or spec.done:
             return
@@ -348,6 +348,6 @@ class TaskSubmitter:
             self.fail(spec, exc_mod.TaskCancelledError(f"task {spec.name}() was cancelled"))
             return
         leased = spec.worker
-        leased.conn.send((M.CANCEL_TASK, task_id, force))
+        leased.conn.send((M.CANCEL_TASK, task_id, force, recursive))
         if force:
             self.core.kill_worker(leased.worker_id)

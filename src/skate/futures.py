@@ -1,0 +1,750 @@
+r"""``concurrent.futures`` on skate: change one import, run ``ProcessPoolExecutor`` code on
+the embedded default cluster, or on a cluster named by ``SKATE_ADDRESS`` / ``address=``.
+
+``ProcessPoolExecutor`` (also exported as ``Executor``) behaves like CPython's where
+users can see it: future states and callbacks, ``cancel()``, ``map`` with ``chunksize``
+and ``timeout``, ``shutdown(wait, cancel_futures)``, the errors. It does better where
+CPython breaks: lambdas and closures work (cloudpickle), and a worker that dies
+mid-task has its task retried (``max_retries``) instead of breaking the pool.
+
+How a work item flows (compare CPython's ``concurrent/futures/process.py``)::
+
+    submit(fn, *args) ---> _WorkItem(future, fn, args, kwargs)
+                                 |
+                                 v
+     +-------------------------------------------------+
+     | pending (deque)    futures PENDING: cancel() works|  <-- map(): a feeder adds chunks
+     +-------------------------------------------------+      while pending is short
+                                 | claim: future.set_running_or_notify_cancel()
+                                 v        (a cancelled item is dropped here)
+     +-------------------------------------------------+
+     | claimed            futures RUNNING               |  claimed + in skate
+     +-------------------------------------------------+  <= max_workers + EXTRA_QUEUED_CALLS
+                                 | start: runner.remote(fn, args, kwargs)
+                                 v        in skate <= max_workers
+     skate task on a worker:  _Runner: initializer once per process, then fn(*args)
+                                 |        (an exception comes back as a _Raised value)
+                                 v
+     core.on_ref_ready --> _on_ready on skate's callback thread: the freed slot claims
+                           and starts the next item, then the future gets its result
+
+Steps in words:
+
+1. ``submit`` makes a ``_WorkItem`` and appends it to *pending*. Its future stays PENDING
+   there, so ``cancel()`` succeeds, as in CPython before an item reaches the call queue.
+2. Claiming moves up to ``max_workers + EXTRA_QUEUED_CALLS`` items to *claimed* and marks
+   their futures RUNNING (CPython's call queue has that many slots).
+3. At most ``max_workers`` claimed items are tasks in skate at once, so no more than
+   ``max_workers`` of this executor's calls run at a time, whatever the cluster's size.
+   Each is one call of a ``RemoteFunction`` built once per executor around ``_Runner``,
+   which runs the initializer once in each worker process before its first task there.
+4. When a task's result is ready, ``_on_ready`` frees its slot (the next item starts),
+   then sets the future's result or the exception the function raised, with the remote
+   traceback as ``__cause__`` as CPython does.
+5. A worker that dies mid-task: skate retries the task (``max_retries``). When retries
+   are spent the future raises ``WorkerCrashedError`` (also a ``BrokenProcessPool``) and
+   the executor keeps working; with ``max_retries=0`` the executor breaks as CPython's
+   does: ``BrokenProcessPool`` for every unfinished future, and for later submits.
+
+``map`` chops its input into chunks as CPython does, but reads it lazily: chunks are
+pulled while *pending* holds fewer than ``max_workers + 1`` items (first in the calling
+thread, then in a feeder thread), so an input of any length is read as fast as workers
+take it, never all at once. Every chunk still runs whether or not its results are read,
+and ``shutdown(wait=True)`` waits for all of them, as in CPython.
+
+May call: the public API (``skate``) and ``skate._private.runtime``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from collections import deque
+from concurrent.futures import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, BrokenExecutor,
+                                CancelledError, Future, InvalidStateError, ThreadPoolExecutor,
+                                TimeoutError, as_completed, wait)
+from concurrent.futures import _base
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
+from functools import partial
+from types import FunctionType
+
+import skate
+from skate import exceptions
+from skate._private import runtime
+
+# As in CPython: how many more calls than workers are claimed (their futures RUNNING and
+# no longer cancellable). A larger number keeps workers busier, a smaller one lets
+# Future.cancel() succeed more often.
+EXTRA_QUEUED_CALLS = 1
+
+_BROKEN_MESSAGE = "A child process terminated abruptly, the process pool is not usable anymore"
+_BROKEN_FUTURE_MESSAGE = ("A process in the process pool was terminated abruptly while the "
+                          "future was running or pending.")
+
+
+class WorkerCrashedError(exceptions.WorkerCrashedError, BrokenProcessPool):
+    """The worker running the call died (its process exited or was killed) and the task's
+    retries (``max_retries``) are spent.
+
+    Both skate's ``WorkerCrashedError`` and ``BrokenProcessPool``, so code written for
+    CPython's executor (``except BrokenProcessPool``) still catches it. Unlike CPython,
+    the executor keeps working: only this call failed.
+    """
+
+
+# --- the worker side ------------------------------------------------------------------
+# Per worker process: which executors' initializers ran here, and how many tasks each
+# executor ran here (for max_tasks_per_child).
+_initialized: set = set()
+_task_counts: dict = {}
+
+
+class _Raised:
+    """What a call that raised returns through skate: the exception, pickled as CPython
+    pickles it (``_ExceptionWithTraceback``), so it arrives with the remote traceback as
+    its ``__cause__``. A wrapper, so a function that *returns* an exception is not taken
+    for one that raised it."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __reduce__(self):
+        return (_Raised, (self.exc,))
+
+
+class _InitializerFailed:
+    """What a task returns when the executor's initializer raised in its worker."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (_InitializerFailed, ())
+
+
+class _Runner:
+    """Runs the calls of one executor in a worker: its initializer first, once per
+    process, then the call. This is the task of calls whose function travels with them."""
+
+    def __init__(self, executor_id: str, initializer, initargs, max_tasks_per_child):
+        self.executor_id = executor_id
+        self.initializer = initializer
+        self.initargs = initargs
+        self.max_tasks_per_child = max_tasks_per_child
+
+    def __call__(self, fn, chunked, args, kwargs):
+        return self.run(fn, chunked, args, kwargs)
+
+    def run(self, fn, chunked, args, kwargs):
+        key = self.executor_id
+        if self.initializer is not None and key not in _initialized:
+            try:
+                self.initializer(*self.initargs)
+            except BaseException:  # noqa: BLE001 - as CPython: log, and the pool breaks
+                _base.LOGGER.critical("Exception in initializer:", exc_info=True)
+                # This process may be half-initialized: leave, a fresh one replaces it.
+                runtime.retire_worker_after_task()
+                return _InitializerFailed()
+            _initialized.add(key)
+        if self.max_tasks_per_child is not None:
+            n = _task_counts.get(key, 0) + 1
+            _task_counts[key] = n
+            if n >= self.max_tasks_per_child:
+                runtime.retire_worker_after_task()
+        try:
+            if chunked:   # one chunk of map(): args is a tuple of argument tuples
+                return [fn(*a) for a in args]
+            return fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - the future carries whatever fn raised
+            from concurrent.futures.process import _ExceptionWithTraceback
+            return _Raised(_ExceptionWithTraceback(e, e.__traceback__))
+
+
+class _BoundRunner:
+    """A runner bound to one function: skate pickles it once and ships it to each worker
+    once, instead of pickling the function into every call (for a lambda or a function
+    of ``__main__``, pickling by value costs more than the rest of the call)."""
+
+    def __init__(self, runner: _Runner, fn):
+        self.runner = runner
+        self.fn = fn
+
+    def __call__(self, chunked, args, kwargs):
+        return self.runner.run(self.fn, chunked, args, kwargs)
+
+
+def _get_chunks(*iterables, chunksize):
+    it = zip(*iterables)
+    while True:
+        chunk = tuple(itertools.islice(it, chunksize))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _chain_from_iterable_of_lists(iterable):
+    """``itertools.chain.from_iterable`` that keeps no reference to what it yielded."""
+    for element in iterable:
+        element.reverse()
+        while element:
+            yield element.pop()
+
+
+def _result_or_cancel(fut, timeout=None):
+    try:
+        try:
+            return fut.result(timeout)
+        finally:
+            fut.cancel()
+    finally:
+        del fut  # break the reference cycle through the exception's traceback
+
+
+def _call_name(fn) -> str:
+    name = getattr(fn, "__name__", None)
+    if isinstance(name, str):
+        return name
+    inner = getattr(fn, "func", None)   # functools.partial
+    if inner is not None:
+        return _call_name(inner)
+    return type(fn).__name__
+
+
+# --- the driver side ------------------------------------------------------------------
+
+class _WorkItem:
+    __slots__ = ("future", "fn", "chunked", "args", "kwargs", "ref")
+
+    def __init__(self, future, fn, chunked, args, kwargs):
+        self.future = future
+        self.fn = fn
+        self.chunked = chunked    # a chunk of map(): args is a tuple of argument tuples
+        self.args = args
+        self.kwargs = kwargs
+        self.ref = None
+
+
+def _settle(future, value=None, exc=None) -> None:
+    """Sets a future's outcome unless it already has one (broken pool, cancelled)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass
+
+
+_global_shutdown = False
+_live_executors: weakref.WeakSet = weakref.WeakSet()
+
+
+def _python_exit() -> None:
+    """At interpreter exit, before atexit handlers (so before skate shuts down): wait for
+    the work every executor still has, as CPython's executors finish theirs."""
+    global _global_shutdown
+    _global_shutdown = True
+    for ex in list(_live_executors):
+        ex._wait_until_idle(at_exit=True)
+
+
+threading._register_atexit(_python_exit)
+
+
+class ProcessPoolExecutor(_base.Executor):
+    """CPython's ``ProcessPoolExecutor`` running its calls as skate tasks.
+
+    Args (CPython's): ``max_workers`` (default: the cluster's CPUs) is how many calls run
+    at once; ``mp_context`` is accepted and ignored (skate starts its own workers);
+    ``initializer(*initargs)`` runs once in each worker process before its first call of
+    this executor; ``max_tasks_per_child`` replaces a worker process after that many calls.
+    skate's own: ``address`` joins the cluster there (default: ``SKATE_ADDRESS``, else the
+    embedded default started on first use); ``max_retries`` is how often a call whose
+    worker died is retried (0: CPython's ``BrokenProcessPool`` behaviour).
+    """
+
+    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
+                 max_tasks_per_child=None, address=None, max_retries=3):
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            elif max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < -1:
+            raise ValueError(f"max_retries={max_retries!r} is invalid: expected a non-negative "
+                             f"integer (or -1 to retry forever)")
+        self._mp_context = mp_context
+        self._initializer = initializer
+        self._initargs = initargs
+        self._max_tasks_per_child = max_tasks_per_child
+        self._max_retries = max_retries
+        self._address = address
+        self._id = uuid.uuid4().hex
+        self._runner = _Runner(self._id, initializer, initargs, max_tasks_per_child)
+        self._task = skate.remote(max_retries=max_retries)(self._runner)
+        self._tasks_lock = threading.Lock()
+        self._named_tasks: dict = {}      # call name -> the generic task under that name
+        self._bound_tasks: dict = {}      # function -> its _BoundRunner task
+        self._seen_once = weakref.WeakSet()   # functions submitted once so far
+
+        self._requested_workers = max_workers
+        self._workers = max_workers       # resolved on first use when None: the cluster's CPUs
+        self._window = None if max_workers is None else max_workers + EXTRA_QUEUED_CALLS
+        self._core = None
+
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)   # _unfinished reached 0
+        self._room = threading.Condition(self._lock)   # pending got shorter (feeders wait)
+        self._pending: deque = deque()    # futures PENDING
+        self._claimed: deque = deque()    # futures RUNNING, not yet tasks in skate
+        self._in_skate: set = set()       # work items whose task is in skate
+        self._unfinished = 0              # work items whose future is not settled yet
+        self._feeds: set = set()          # map feeds still reading their input
+        self._shutdown_thread = False     # CPython's name: no new submits
+        self._broken = False              # or CPython's message once a crash broke the pool
+        if address is not None:
+            self._start_runtime()
+        _live_executors.add(self)
+
+    # --- public API -----------------------------------------------------------------------
+    @property
+    def _max_workers(self):
+        if self._workers is None:
+            self._start_runtime()
+        return self._workers
+
+    def submit(self, fn, /, *args, **kwargs):
+        return self._submit_item(_WorkItem(Future(), fn, False, args, kwargs))
+    submit.__doc__ = _base.Executor.submit.__doc__
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """Returns an iterator equivalent to ``map(fn, *iterables)``, results in order.
+
+        As CPython's: the input is zipped and chopped into chunks of ``chunksize`` items,
+        one task each; ``timeout`` (seconds, from this call) bounds the whole iteration
+        with ``TimeoutError``; an exception raised by ``fn`` is raised when its item is
+        reached; closing the iterator early cancels the calls not started yet.
+
+        Unlike CPython's, the input is read lazily: chunks are taken as workers have room
+        (see the module's docstring), so ``map`` over a long or endless input returns at
+        once. An error raised by the input iterator is raised by ``map`` itself if it
+        comes before ``max_workers + 1`` chunks were taken, else at its place in the
+        results.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        feed = _MapFeed(self, fn, _get_chunks(*iterables, chunksize=chunksize))
+        feed.fill_eagerly()
+        return _chain_from_iterable_of_lists(feed.results(end_time, timeout is not None))
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        cancelled = []
+        with self._lock:
+            self._shutdown_thread = True
+            if cancel_futures:
+                # CPython cancels what is not in its call queue yet: pending items, and
+                # the chunks map() has not taken yet.
+                for feed in self._feeds:
+                    feed.stop_locked(CancelledError())
+                cancelled = list(self._pending)
+                self._pending.clear()
+                self._room.notify_all()
+        for w in cancelled:
+            w.future.cancel()
+        if cancelled:
+            self._settled(len(cancelled))
+        if wait:
+            self._wait_until_idle()
+    shutdown.__doc__ = _base.Executor.shutdown.__doc__
+
+    # --- internals ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        """Raises what CPython's submit raises on a broken or shut-down executor."""
+        if self._broken:
+            raise BrokenProcessPool(self._broken)
+        if self._shutdown_thread:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _submit_item(self, w: _WorkItem):
+        if self._core is None:
+            with self._lock:
+                self._check_open()
+            self._start_runtime()
+        start = []
+        with self._lock:
+            self._check_open()
+            self._unfinished += 1
+            self._pending.append(w)
+            self._fill(start)
+        for item in start:
+            self._start(item)
+        return w.future
+
+    def _start_runtime(self) -> None:
+        """Joins (or starts) the cluster on first use, and sizes the pool from it."""
+        if self._address is not None and not skate.is_initialized():
+            try:
+                skate.init(address=self._address)
+            except RuntimeError:
+                if not skate.is_initialized():   # not a lost race with another thread's init
+                    raise
+        core = runtime.core_or_init()
+        workers = self._workers
+        if workers is None:
+            cpus = skate.cluster_resources().get("CPU", 1)
+            workers = max(1, int(cpus))
+        with self._lock:
+            self._core = core
+            if self._workers is None:
+                self._workers = workers
+                self._window = workers + EXTRA_QUEUED_CALLS
+
+    def _fill(self, start: list) -> None:
+        """With the lock held: claims pending items into free slots, and lists the
+        claimed items that may become tasks now (the caller starts them, unlocked)."""
+        pending, claimed = self._pending, self._claimed
+        window = self._window
+        in_skate = len(self._in_skate)
+        dropped = 0
+        while pending and len(claimed) + in_skate < window:
+            w = pending.popleft()
+            if w.future.set_running_or_notify_cancel():
+                claimed.append(w)
+            else:
+                dropped += 1      # cancelled while pending
+        while claimed and in_skate < self._workers:
+            w = claimed.popleft()
+            self._in_skate.add(w)
+            in_skate += 1
+            start.append(w)
+        if dropped:
+            self._unfinished -= dropped
+            if not self._unfinished:
+                self._idle.notify_all()
+        if self._feeds and len(pending) < window:
+            self._room.notify_all()
+
+    def _task_for(self, fn):
+        """The skate task for a call of ``fn``, named after it (in logs and errors).
+
+        A plain function seen a second time gets a task of its own, bound to it (pickled
+        once, shipped once per worker); a function seen once (e.g. a lambda made per
+        call) travels with its call, so workers do not keep one cached task per lambda.
+        Other callables (bound methods, callable objects) are pickled with each call, as
+        CPython does, so each call sees their state at submit time.
+        """
+        with self._tasks_lock:
+            if type(fn) is FunctionType:
+                task = self._bound_tasks.get(fn)
+                if task is not None:
+                    return task, False
+                if fn in self._seen_once:
+                    if len(self._bound_tasks) >= 64:
+                        self._bound_tasks.clear()
+                    bound = skate.remote(max_retries=self._max_retries)(_BoundRunner(self._runner, fn))
+                    task = self._bound_tasks[fn] = bound.options(name=_call_name(fn))
+                    self._seen_once.discard(fn)
+                    return task, False
+                self._seen_once.add(fn)
+            name = _call_name(fn)
+            task = self._named_tasks.get(name)
+            if task is None:
+                if len(self._named_tasks) >= 256:
+                    self._named_tasks.clear()
+                task = self._named_tasks[name] = self._task.options(name=name)
+            return task, True
+
+    def _start(self, w: _WorkItem) -> None:
+        """Makes a claimed item a skate task (unlocked: pickling the call takes time)."""
+        try:
+            task, generic = self._task_for(w.fn)
+            if generic:
+                ref = task.remote(w.fn, w.chunked, w.args, w.kwargs)
+            else:
+                ref = task.remote(w.chunked, w.args, w.kwargs)
+        except BaseException as e:  # noqa: BLE001 - as CPython: the future carries it
+            # CPython's _on_queue_feeder_error: a call that cannot be pickled fails its
+            # future, with the traceback of the failure as the cause.
+            tb = traceback.format_exception(type(e), e, e.__traceback__)
+            e.__cause__ = _RemoteTraceback('\n"""\n{}"""'.format("".join(tb)))
+            self._task_done(w)
+            _settle(w.future, exc=e)
+            self._settled(1)
+            return
+        w.fn = w.args = w.kwargs = None
+        w.ref = ref
+        core = runtime.core()
+        self._core = core
+        core.on_ref_ready(ref, partial(self._on_ready, w))
+
+    def _task_done(self, w: _WorkItem) -> None:
+        """Frees the slot ``w`` held in skate and starts what may take it."""
+        start = []
+        with self._lock:
+            self._in_skate.discard(w)
+            self._fill(start)
+        for item in start:
+            self._start(item)
+
+    def _settled(self, n: int) -> None:
+        with self._lock:
+            self._unfinished -= n
+            if not self._unfinished:
+                self._idle.notify_all()
+
+    def _on_ready(self, w: _WorkItem, ref) -> None:
+        """On skate's callback thread: the task ended; settle its future."""
+        value = exc = None
+        try:
+            value = self._core.get_values([ref], None)[0]
+        except exceptions.WorkerCrashedError as e:
+            if self._max_retries == 0:
+                self._break(e)
+            exc = WorkerCrashedError(str(e))
+        except exceptions.TaskError as e:
+            # Not the call itself (that comes back as _Raised): its arguments or its
+            # result could not be (un)pickled. CPython sends that error back the same way.
+            cause = e.cause if isinstance(e.cause, BaseException) else None
+            exc = cause if cause is not None else e
+            exc.__cause__ = _RemoteTraceback('\n"""\n%s"""' % e.traceback_str)
+        except BaseException as e:  # noqa: BLE001 - e.g. an object lost: the future carries it
+            exc = e
+        else:
+            t = type(value)
+            if t is _Raised:
+                exc, value = value.exc, None
+            elif t is _InitializerFailed:
+                value = None
+                exc = self._break(None)
+        w.ref = None
+        self._task_done(w)
+        _settle(w.future, value, exc)
+        self._settled(1)
+
+    def _break(self, cause):
+        """CPython's terminate_broken: every unfinished future gets BrokenProcessPool, and
+        the executor takes no more work. Returns the error given to the futures."""
+        with self._lock:
+            if self._broken:
+                return self._broken_error
+            self._broken = _BROKEN_MESSAGE
+            self._shutdown_thread = True
+            bpe = BrokenProcessPool(_BROKEN_FUTURE_MESSAGE)
+            if cause is not None:
+                bpe.__cause__ = cause
+            self._broken_error = bpe
+            for feed in self._feeds:
+                feed.stop_locked(bpe)
+            waiting = list(self._pending) + list(self._claimed)
+            self._pending.clear()
+            self._claimed.clear()
+            running = list(self._in_skate)
+            self._room.notify_all()
+        for w in waiting:
+            _settle(w.future, exc=bpe)
+        if waiting:
+            self._settled(len(waiting))
+        for w in running:
+            _settle(w.future, exc=bpe)
+            ref = w.ref
+            if ref is not None:   # CPython terminates the other workers; stop their calls
+                try:
+                    skate.cancel(ref)
+                except Exception:  # noqa: BLE001 - already finished or skate is gone
+                    pass
+        return bpe
+
+    def _wait_until_idle(self, at_exit: bool = False) -> None:
+        """Blocks until every work item submitted (and every map input) is settled."""
+        core = self._core
+        if core is not None and threading.current_thread() is getattr(core, "_callback_thread", None):
+            with self._lock:
+                busy = self._unfinished or self._feeds
+            if busy:
+                if at_exit:
+                    return
+                raise RuntimeError(
+                    "shutdown(wait=True) was called from a future's done-callback, which runs "
+                    "on skate's callback thread: waiting there would block the results it "
+                    "waits for. Call shutdown(wait=False) in callbacks.")
+        with self._lock:
+            while self._unfinished or self._feeds:
+                core = self._core
+                if core is not None and core.shut_down:
+                    break
+                self._idle.wait(0.5)
+            else:
+                return
+        # skate was shut down under this executor: its tasks will never report back.
+        lost = exceptions.SkateError("skate was shut down (skate.shutdown()) before this call finished")
+        self._break(lost)
+        with self._lock:
+            running = list(self._in_skate)
+            self._in_skate.clear()
+        for w in running:
+            _settle(w.future, exc=self._broken_error)
+        if running:
+            self._settled(len(running))
+
+
+class _MapFeed:
+    """One ``map`` call's input, turned into work items as the executor has room."""
+
+    def __init__(self, executor: ProcessPoolExecutor, fn, chunks):
+        self.executor = executor
+        self.fn = fn
+        self.chunks = chunks
+        self.cond = threading.Condition(threading.Lock())
+        self.futures: deque = deque()   # made, not yet handed to the result iterator
+        self.finished = False           # no more futures will come
+        self.error = None               # raised after the last future
+        self.stopped = False            # pull no more input
+
+    # --- the input side -------------------------------------------------------------------
+    def fill_eagerly(self) -> None:
+        """In map()'s caller: submits chunks while the executor has room. Errors (the
+        executor is shut down, the input raised) are raised here, as CPython's map does."""
+        ex = self.executor
+        while True:
+            with ex._lock:
+                room = ex._window is None or len(ex._pending) < ex._window
+            if not room:
+                break
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                self._finish()
+                return
+            self._push(ex._submit_item(_WorkItem(Future(), self.fn, True, chunk, None)))
+        # More input than room: a feeder thread takes the rest as room frees up.
+        with ex._lock:
+            ex._feeds.add(self)
+        threading.Thread(target=self._feed, name="skate-futures-map-feeder", daemon=True).start()
+
+    def _feed(self) -> None:
+        ex = self.executor
+        try:
+            while True:
+                with ex._lock:
+                    while not self.stopped and len(ex._pending) >= ex._window:
+                        ex._room.wait()
+                    if self.stopped:
+                        return
+                chunk = next(self.chunks, None)
+                if chunk is None:
+                    return
+                fut = Future()
+                w = _WorkItem(fut, self.fn, True, chunk, None)
+                start = []
+                with ex._lock:
+                    if self.stopped:   # cancelled or broken while the chunk was read
+                        return
+                    ex._unfinished += 1
+                    ex._pending.append(w)
+                    ex._fill(start)
+                self._push(fut)
+                for item in start:
+                    ex._start(item)
+        except BaseException as e:  # noqa: BLE001 - the input's error, raised at its place
+            with self.cond:
+                if self.error is None:
+                    self.error = e
+        finally:
+            with ex._lock:
+                ex._feeds.discard(self)
+                if not ex._unfinished and not ex._feeds:
+                    ex._idle.notify_all()
+            self._finish()
+
+    def stop_locked(self, error) -> None:
+        """With the executor's lock held: take no more input; the results end with ``error``."""
+        self.stopped = True
+        with self.cond:
+            if self.error is None:
+                self.error = error
+
+    def _push(self, fut) -> None:
+        with self.cond:
+            self.futures.append(fut)
+            self.cond.notify()
+            closed = self.finished
+        if closed:
+            fut.cancel()
+
+    def _finish(self) -> None:
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
+    # --- the result side ------------------------------------------------------------------
+    def _next_future(self, end_time):
+        with self.cond:
+            while not self.futures:
+                if self.finished:
+                    if self.error is not None:
+                        err, self.error = self.error, None
+                        raise err
+                    return None
+                if end_time is None:
+                    self.cond.wait()
+                else:
+                    left = end_time - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError()
+                    self.cond.wait(left)
+            return self.futures.popleft()
+
+    def results(self, end_time, timed: bool):
+        # A generator, so that the first chunks are submitted before the first value is
+        # asked for (as CPython's result_iterator).
+        def result_iterator():
+            try:
+                while True:
+                    fut = self._next_future(end_time)
+                    if fut is None:
+                        return
+                    if timed:
+                        yield _result_or_cancel(fut, end_time - time.monotonic())
+                    else:
+                        yield _result_or_cancel(fut)
+                    del fut
+            finally:
+                self.close()
+        return result_iterator()
+
+    def close(self) -> None:
+        """The result iterator is done with (exhausted, timed out, closed, collected):
+        read no more input, and cancel the calls that have not started."""
+        ex = self.executor
+        with ex._lock:
+            self.stopped = True
+            ex._room.notify_all()
+        with self.cond:
+            self.finished = True
+            rest = list(self.futures)
+            self.futures.clear()
+        for fut in rest:
+            fut.cancel()
+
+
+Executor = ProcessPoolExecutor
+
+__all__ = [
+    "ProcessPoolExecutor", "Executor", "WorkerCrashedError", "BrokenProcessPool",
+    "EXTRA_QUEUED_CALLS",
+    # concurrent.futures' other names, so `import skate.futures as futures` is a drop-in
+    "Future", "wait", "as_completed", "FIRST_COMPLETED", "FIRST_EXCEPTION", "ALL_COMPLETED",
+    "CancelledError", "TimeoutError", "BrokenExecutor", "InvalidStateError", "ThreadPoolExecutor",
+]

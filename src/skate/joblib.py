@@ -1,0 +1,467 @@
+r"""joblib on skate: a parallel backend registered as ``"skate"``.
+
+``import skate.joblib`` registers it (so does ``skate.joblib.register()``); then::
+
+    with joblib.parallel_config(backend="skate"):       # or parallel_backend("skate")
+        Parallel(n_jobs=-1)(delayed(f)(x) for x in xs)  # -1: every CPU of the cluster
+
+scikit-learn's ``n_jobs=...`` estimators run their joblib work on the cluster the same way.
+
+The flow of one batch of calls::
+
+    driver                                                    worker
+    Parallel: auto-batching, pre-dispatch
+      | submit(batch, callback)
+      v
+    SkateBackend
+      1. pickle the batch (cloudpickle); NumPy arrays larger
+         than max_nbytes are put in the shared-memory store
+         once per Parallel call and travel as ObjectRefs
+      2. window: at most n_jobs batches in the cluster,
+         the next ones wait here already pickled
+      3. _run_batch.remote(payload, limits, *array_refs)  ---> _execute_batch: arrays arrive as
+                                                                zero-copy read-only views; unpickle,
+                                                                run the calls (nested Parallel:
+                                                                threads, then sequential), pickle
+                                                                the results (out-of-band buffers)
+      4. core.on_ref_ready  <------------------------------ result (inline, or in shared memory)
+      5. on skate's callback thread: the window sends the
+         next waiting batch, then joblib's callback runs
+         retrieve_result_callback (results unpickled into
+         writable memory, or the task's ORIGINAL exception
+         re-raised) and dispatches more work
+
+Errors: a failing call raises its original exception type in the driver, with the remote
+traceback attached as ``__cause__`` (as loky does). A worker that dies mid-batch is
+replaced and the batch re-run by the runtime (``max_retries``, default 3), then the call
+fails with ``WorkerCrashedError``. ``abort_everything`` (joblib calls it on the first
+error, or when a result generator is dropped) cancels every batch still queued or
+running.
+
+Deviations from loky, on purpose: large arrays are read-only in tasks whatever
+``mmap_mode`` says (``"c"``, ``"r+"`` and ``"w+"`` give the task a private writable copy;
+writes never reach the caller's array), and a nested ``Parallel`` that explicitly asks for
+``"skate"`` inside a task submits nested tasks, lending the task's CPU back while it waits.
+
+May call: the public API (``skate.api``), ``skate.exceptions``, and the runtime's
+``core_or_init``/``core`` for ``on_ref_ready`` and the worker-blocked signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import sys
+import threading
+import weakref
+from collections import deque
+
+import cloudpickle
+import joblib
+from joblib._parallel_backends import (AutoBatchingMixin, FallbackToBackend, ParallelBackendBase,
+                                       SequentialBackend)
+from joblib.disk import memstr_to_bytes
+
+from skate import api, exceptions
+from skate._private import runtime
+
+__all__ = ["SkateBackend", "register", "RemoteTraceback"]
+
+BACKEND_NAME = "skate"
+
+# The task options a backend accepts (parallel_config(backend="skate", num_cpus=2, ...)).
+TASK_OPTIONS = ("num_cpus", "num_gpus", "resources", "max_retries")
+
+
+# --------------------------------------------------------------------------------------
+# Worker side: one task runs one joblib BatchedCalls.
+# --------------------------------------------------------------------------------------
+
+_loading = threading.local()     # the arrays of the payload being unpickled
+_threadpools = None              # (len(sys.modules), ThreadpoolController) in this worker
+
+
+def _shared_array(index: int, writable: bool):
+    """Unpickles the placeholder of a large array: the view the runtime resolved."""
+    array = _loading.arrays[index]
+    return array.copy() if writable else array
+
+
+def _threadpool_controller():
+    """A threadpoolctl controller for the native thread pools loaded in this process.
+
+    Rebuilt when modules were imported since (a new library may bring its own pool);
+    building one costs milliseconds, using it microseconds.
+    """
+    global _threadpools
+    n = len(sys.modules)
+    if _threadpools is None or _threadpools[0] != n:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _threadpools = (n, ThreadpoolController())
+        except Exception:  # noqa: BLE001 - no threadpoolctl: no limits, as without loky
+            _threadpools = (n, None)
+    return _threadpools[1]
+
+
+def _execute_batch(payload: bytes, inner_threads, *arrays):
+    """Runs a pickled joblib batch; returns ``(pickle stream, out-of-band buffers)``.
+
+    The results are pickled here, not by the runtime, so that the caller can unpickle
+    them into writable memory: values the runtime returns are read-only views.
+    """
+    _loading.arrays = arrays
+    try:
+        batch = pickle.loads(payload)
+    finally:
+        _loading.arrays = ()
+    controller = _threadpool_controller() if inner_threads and "numpy" in sys.modules else None
+    if controller is not None:
+        with controller.limit(limits=inner_threads):
+            results = batch()
+    else:
+        results = batch()
+    buffers: list = []
+    meta = cloudpickle.dumps(results, protocol=5, buffer_callback=buffers.append)
+    return meta, buffers
+
+
+_run_batch = api.remote(name="joblib_batch")(_execute_batch)
+
+
+# --------------------------------------------------------------------------------------
+# Driver side.
+# --------------------------------------------------------------------------------------
+
+class RemoteTraceback(Exception):
+    """The traceback of an error raised in a task, attached as its ``__cause__``."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class _SharedArrays:
+    """The large arrays of one Parallel call, each put in the store once.
+
+    Keyed by ``id()`` with a weak reference to tell a recycled id from the same array
+    (arrays built by a generator die and their ids are reused). An entry goes when its
+    array dies; tasks that still need the object keep it alive through their arguments.
+    """
+
+    def __init__(self):
+        self._refs: dict = {}
+        self._lock = threading.Lock()
+
+    def ref_for(self, array):
+        key = id(array)
+        with self._lock:
+            entry = self._refs.get(key)
+            if entry is not None and entry[0]() is array:
+                return entry[1]
+        ref = api.put(array)
+
+        def forget(_wr, key=key):
+            with self._lock:
+                e = self._refs.get(key)
+                if e is not None and e[0] is _wr:
+                    del self._refs[key]
+        with self._lock:
+            self._refs[key] = (weakref.ref(array, forget), ref)
+        return ref
+
+    def clear(self) -> None:
+        with self._lock:
+            self._refs.clear()
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+
+class _BatchPickler(cloudpickle.Pickler):
+    """cloudpickle, with large NumPy arrays replaced by placeholders for store refs."""
+
+    def __init__(self, file, shared: _SharedArrays, max_nbytes: int, writable: bool, numpy):
+        super().__init__(file, protocol=5)
+        self._shared = shared
+        self._max_nbytes = max_nbytes
+        self._writable = writable
+        self._ndarray_types = (numpy.ndarray, numpy.memmap)
+        self.refs: list = []
+        self._index: dict = {}
+
+    def reducer_override(self, obj):
+        t = type(obj)
+        if (t is self._ndarray_types[0] or t is self._ndarray_types[1]) and \
+                obj.nbytes > self._max_nbytes and not obj.dtype.hasobject:
+            i = self._index.get(id(obj))
+            if i is None:
+                i = self._index[id(obj)] = len(self.refs)
+                self.refs.append(self._shared.ref_for(obj))
+            return _shared_array, (i, self._writable)
+        return super().reducer_override(obj)
+
+
+def _pickle_batch(batch, shared: _SharedArrays, max_nbytes, writable: bool):
+    """``(payload, refs)``: the batch's pickle and the store refs of its large arrays."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or max_nbytes is None:
+        return cloudpickle.dumps(batch, protocol=5), []
+    buf = io.BytesIO()
+    pickler = _BatchPickler(buf, shared, max_nbytes, writable, numpy)
+    pickler.dump(batch)
+    return buf.getvalue(), pickler.refs
+
+
+class _Job:
+    """What ``submit`` returns: one batch, waiting to be sent, running or done."""
+
+    __slots__ = ("payload", "args", "callback", "ref", "error", "__weakref__")
+
+    def __init__(self, payload, args, callback):
+        self.payload = payload
+        self.args = args              # the task's arguments after the payload
+        self.callback = callback
+        self.ref = None
+        self.error = None
+
+
+class _TaskWindow:
+    """The batches of one configured backend: at most ``limit`` in the cluster at once.
+
+    joblib's ``n_jobs`` is "the maximum number of concurrently running jobs", while it
+    pre-dispatches ``2 * n_jobs`` batches: the extra ones wait here, already pickled,
+    and go out from the completion callback of the batch before them. Stands where
+    loky's executor stands (``backend._workers``): a new window after an abort.
+    """
+
+    def __init__(self, limit: int, run):
+        self._limit = max(1, limit)
+        self._run = run                 # the remote function, with this backend's options
+        self._lock = threading.Lock()
+        self._waiting: deque = deque()
+        self._running: set = set()
+        self._closed = False
+
+    def add(self, job: _Job) -> None:
+        with self._lock:
+            if self._closed:
+                job.error = RuntimeError("this skate joblib backend was aborted or terminated")
+            elif len(self._running) >= self._limit:
+                self._waiting.append(job)
+                return
+            else:
+                self._running.add(job)
+        if job.error is not None:
+            job.callback(job)
+            return
+        self._send(job)
+
+    def _send(self, job: _Job) -> None:
+        try:
+            job.ref = self._run.remote(job.payload, *job.args)
+        except BaseException as e:  # noqa: BLE001 - joblib must hear of it through the job
+            job.error = e
+            self._done(job)
+            return
+        finally:
+            job.payload = None
+        runtime.core().on_ref_ready(job.ref, lambda _ref, job=job: self._done(job))
+
+    def _done(self, job: _Job) -> None:
+        nxt = None
+        with self._lock:
+            self._running.discard(job)
+            if self._waiting and not self._closed:
+                nxt = self._waiting.popleft()
+                self._running.add(nxt)
+        if nxt is not None:
+            self._send(nxt)       # first, so the worker is busy again while joblib runs
+        job.args = ()
+        job.callback(job)
+
+    def cancel_all(self) -> None:
+        """Drops the waiting batches and cancels the ones in the cluster."""
+        with self._lock:
+            self._closed = True
+            self._waiting.clear()
+            running = [job.ref for job in self._running if job.ref is not None]
+        for ref in running:
+            try:
+                api.cancel(ref)
+            except Exception:  # noqa: BLE001 - already finished, or skate shut down
+                pass
+
+    def __len__(self) -> int:
+        return len(self._running) + len(self._waiting)
+
+
+class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
+    """joblib's parallel backend for skate (registered as ``"skate"``).
+
+    Keyword options (``parallel_config(backend="skate", num_cpus=2)``): ``num_cpus``,
+    ``num_gpus``, ``resources`` and ``max_retries`` of each batch's task, as in
+    ``@skate.remote``. ``n_jobs=-1`` means every CPU of the cluster (divided by
+    ``num_cpus``).
+    """
+
+    supports_retrieve_callback = True
+    supports_timeout = True
+    supports_return_generator = True
+    supports_inner_max_num_threads = True
+    supports_sharedmem = False
+    uses_threads = False
+
+    def __init__(self, nesting_level=None, inner_max_num_threads=None, **task_options):
+        unknown = set(task_options) - set(TASK_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for the skate joblib backend; "
+                             f"valid options are: {', '.join(TASK_OPTIONS)}")
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
+        self._task_options = dict(task_options)
+        self._run = _run_batch.options(**task_options) if task_options else _run_batch
+        self._cpus_per_task = float(task_options.get("num_cpus", 1) or 1)
+        self._init_call_state()
+
+    def _init_call_state(self) -> None:
+        self.parallel = None
+        self._workers = None            # the _TaskWindow of the configured call
+        self._shared = None              # the _SharedArrays of the running call
+        self._n_jobs = 1
+        self._max_nbytes = memstr_to_bytes("1M")
+        self._writable_arrays = False
+        self._inner_threads = None
+
+    # --- pickling the backend itself (nested configs, instances passed to tasks) ---------
+    def __getstate__(self):
+        return {"nesting_level": self.nesting_level, "inner_max_num_threads": self.inner_max_num_threads,
+                "task_options": self._task_options}
+
+    def __setstate__(self, state):
+        self.__init__(state["nesting_level"], state["inner_max_num_threads"], **state["task_options"])
+
+    # --- sizing ---------------------------------------------------------------------------
+    def _cluster_cpus(self) -> float:
+        runtime.core_or_init()
+        return float(api.cluster_resources().get("CPU", 0))
+
+    def effective_n_jobs(self, n_jobs):
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            return 1
+        if n_jobs < 0:
+            slots = int(self._cluster_cpus() // self._cpus_per_task)
+            return max(slots + 1 + n_jobs, 1)
+        return n_jobs
+
+    def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, max_nbytes="1M",
+                  mmap_mode="r", **_backend_kwargs):
+        n_jobs = self.effective_n_jobs(n_jobs)
+        if n_jobs == 1:
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        self.parallel = parallel
+        self._n_jobs = n_jobs
+        self._max_nbytes = memstr_to_bytes(max_nbytes) if isinstance(max_nbytes, str) else max_nbytes
+        self._writable_arrays = mmap_mode in ("c", "r+", "w+")
+        self._workers = _TaskWindow(n_jobs, self._run)
+        if self.inner_max_num_threads is not None:
+            self._inner_threads = int(self.inner_max_num_threads)
+        else:  # as loky: the cluster's CPUs shared among the n_jobs workers
+            self._inner_threads = max(int(self._cluster_cpus()) // n_jobs, 1)
+        return n_jobs
+
+    # --- one Parallel call ----------------------------------------------------------------
+    def start_call(self):
+        self._shared = _SharedArrays()
+
+    def stop_call(self):
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.clear()
+
+    def submit(self, func, callback=None):
+        if self._workers is None:   # used without configure(): e.g. after terminate()
+            self._workers = _TaskWindow(self._n_jobs, self._run)
+        if self._shared is None:
+            self._shared = _SharedArrays()
+        callback = callback if callback is not None else (lambda job: None)
+        try:
+            payload, refs = _pickle_batch(func, self._shared, self._max_nbytes, self._writable_arrays)
+        except exceptions.SkateError as e:   # e.g. the store cannot hold a large array
+            return self._failed(e, callback)
+        except Exception as e:  # noqa: BLE001 - any failure of a __reduce__
+            err = pickle.PicklingError("Could not pickle the task to send it to the workers.")
+            err.__cause__ = e
+            return self._failed(err, callback)
+        job = _Job(payload, (self._inner_threads, *refs), callback)
+        self._workers.add(job)
+        return job
+
+    @staticmethod
+    def _failed(error: BaseException, callback) -> _Job:
+        """A job that failed before it could be sent: joblib hears of it at once."""
+        job = _Job(None, (), callback)
+        job.error = error
+        callback(job)
+        return job
+
+    def retrieve_result_callback(self, out: _Job):
+        if out.error is not None:
+            raise out.error
+        try:
+            meta, buffers = api.get(out.ref)
+        except exceptions.TaskError as err:
+            cause = err.cause
+            if not isinstance(cause, BaseException):
+                raise
+            cause.__cause__ = RemoteTraceback(err.traceback_str)
+            raise cause from cause.__cause__
+        finally:
+            out.ref = None
+        # Copies out of the store (or the inline message) into writable memory: what
+        # loky returns is writable, and callers do update results in place.
+        return pickle.loads(meta, buffers=[bytearray(b) for b in buffers])
+
+    def abort_everything(self, ensure_ready=True):
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.cancel_all()
+        if ensure_ready and self.parallel is not None:
+            self._workers = _TaskWindow(self._n_jobs, self._run)
+
+    def terminate(self):
+        workers, self._workers = self._workers, None
+        if workers is not None and len(workers):
+            workers.cancel_all()
+        self.reset_batch_stats()
+
+    @contextlib.contextmanager
+    def retrieval_context(self):
+        """Inside a task, waiting for nested tasks lends the task's CPU back to the node,
+        so nested skate calls cannot starve their parents of CPUs (dask secedes here)."""
+        core = runtime.core() if runtime.info().get("mode") == "worker" else None
+        if core is None:
+            yield
+            return
+        core._set_blocked(True)
+        try:
+            yield
+        finally:
+            core._set_blocked(False)
+
+
+def register(make_default: bool = False) -> None:
+    """Registers the backend with joblib as ``"skate"`` (idempotent).
+
+    ``make_default=True`` also makes it joblib's default backend, for code that never
+    names a backend.
+    """
+    joblib.register_parallel_backend(BACKEND_NAME, SkateBackend, make_default=make_default)
+
+
+register()
