@@ -37,7 +37,10 @@ MB = 1024 * 1024
 def session():
     """A fresh session id; fails the test if any of its segments survive it."""
     sid = "test" + uuid.uuid4().hex[:12]
+    lock = shm.hold_session_lock(sid)   # alive, like a node's session: not reaped as orphan
     yield sid
+    lock.close()
+    os.unlink(lock.name)
     leftover = glob.glob(f"/dev/shm/skate-{sid}-*")
     shm.cleanup_session(sid)  # clean up before failing, so one failure does not leak
     assert not leftover, f"segments left in /dev/shm: {leftover}"
@@ -359,3 +362,68 @@ def test_shutdown_removes_segments_and_spill_dir(session, tmp_path):
     assert glob.glob(f"/dev/shm/skate-{session}-*") == []
     assert not os.path.exists(tmp_path / "spill")
     assert store.stats()["used"] == 0 and store.stats()["num_objects"] == 0
+
+
+# --- recycling of freed segments --------------------------------------------------------------
+
+def _reserve_and_write(store: ObjectStore, session: str, object_id: bytes, value) -> bool:
+    sobj = serialize(value)
+    recycled = store.reserve(object_id, sobj.total_size())
+    if recycled:
+        shm.write_existing(session, object_id, sobj)
+    else:
+        shm.create_and_write(session, object_id, sobj)
+    store.seal(object_id, sobj.total_size())
+    return recycled
+
+
+def test_a_freed_segment_is_reused_by_the_next_object_that_fits(store, session):
+    first = np.arange(500_000, dtype=np.float64)              # 4 MB (spares: up to 1/4 of 25 MB)
+    assert _reserve_and_write(store, session, oid(1), first) is False
+    store.free(oid(1))
+    assert not segment_exists(session, oid(1))
+    assert store.stats()["num_spares"] == 1
+    smaller = np.full(250_000, 7.0)
+    assert _reserve_and_write(store, session, oid(2), smaller) is True
+    assert store.stats()["num_spares"] == 0
+    back = get(session, oid(2))
+    assert back.shape == (250_000,) and (back == 7.0).all()   # resized, no stale bytes read
+    assert os.fstat(posix_ipc.SharedMemory(shm.segment_name(session, oid(2))).fd).st_size \
+        == serialize(smaller).total_size()
+
+
+def test_spares_count_against_capacity_and_are_dropped_first(session, tmp_path):
+    store = ObjectStore(session, 40 * 2**20, str(tmp_path / "spill"))
+    try:
+        _reserve_and_write(store, session, oid(1), np.zeros(1_000_000))   # 8 MB
+        store.free(oid(1))
+        assert store.stats()["spare_bytes"] > 0
+        # 35 MB does not fit beside the 8 MB spare: the spare goes, nothing is spilled.
+        _reserve_and_write(store, session, oid(2), np.zeros(35 * 2**20 // 8))
+        assert store.stats()["spare_bytes"] == 0
+        assert store.stats()["spilled_total"] == 0
+    finally:
+        store.shutdown()
+
+
+def test_idle_spares_go_back_to_the_os(store, session):
+    _reserve_and_write(store, session, oid(1), np.zeros(500_000))
+    store.free(oid(1))
+    assert store.trim_spares(max_idle_s=3600) == 0
+    assert store.trim_spares(max_idle_s=0) == 1
+    assert glob.glob(f"/dev/shm/skate-{session}-*") == []
+
+
+def test_segments_of_a_session_nobody_holds_are_reaped():
+    session = "test" + uuid.uuid4().hex[:12]
+    lock = shm.hold_session_lock(session)
+    try:
+        shm.create_and_write(session, oid(1), serialize(b"x" * 10))
+        shm.reap_orphans()
+        assert segment_exists(session, oid(1))        # its lock is held: alive
+        lock.close()                                  # every process of the session died
+        assert shm.reap_orphans() >= 1
+        assert not segment_exists(session, oid(1))
+    finally:
+        lock.close()
+        shm.cleanup_session(session)

@@ -356,17 +356,22 @@ def test_putting_and_dropping_100_mb_fifty_times_stays_within_a_1_gb_store(start
     capacity = skate.nodes()[0]["ObjectStoreCapacity"]
     assert capacity == 1024 * MB
     peak = 0
+    last = None
     for i in range(50):
         ref = skate.put(np.full(100 * MB // 8, float(i)))
         peak = max(peak, session_shm_bytes(cluster.session))
         value = skate.get(ref, timeout=GET_TIMEOUT)
         assert value[0] == i and value[-1] == i
+        last = f"skate-{cluster.session}-{ref.hex()}"
         del ref, value
     assert peak <= capacity
-    # Dropped objects were freed, not spilled: nothing went to disk, nothing is left.
+    # Dropped objects were freed, not spilled: nothing went to disk.
     spill_dir = os.path.join(cluster.session_dir, "spill")
     assert not os.path.isdir(spill_dir) or os.listdir(spill_dir) == []
-    assert wait_for(lambda: session_segments(cluster.session) == [], timeout=5)
+    # The last object's segment is gone at once (its memory may be kept as a spare for
+    # the next put); spares left idle go back to the OS within seconds.
+    assert wait_for(lambda: last not in session_segments(cluster.session), timeout=5)
+    assert wait_for(lambda: session_segments(cluster.session) == [], timeout=15)
 
 
 def test_ten_live_100_mb_objects_in_a_200_mb_store_all_read_back(start_cluster):

@@ -57,8 +57,10 @@ May call: the public API (``skate``) and ``skate._private.runtime``.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -73,9 +75,13 @@ from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from functools import partial
 from types import FunctionType
 
+import cloudpickle
+
 import skate
 from skate import exceptions
 from skate._private import runtime
+from skate._private.object_store import serialization
+from skate._private.worker.memory_store import IN_STORE, INLINE
 
 # As in CPython: how many more calls than workers are claimed (their futures RUNNING and
 # no longer cancellable). A larger number keeps workers busier, a smaller one lets
@@ -98,10 +104,90 @@ class WorkerCrashedError(exceptions.WorkerCrashedError, BrokenProcessPool):
 
 
 # --- the worker side ------------------------------------------------------------------
-# Per worker process: which executors' initializers ran here, and how many tasks each
-# executor ran here (for max_tasks_per_child).
+# Per worker process: which executors' initializers ran here, how many tasks each
+# executor ran here (for max_tasks_per_child), and the module namespaces of the functions
+# each executor shipped by value (see _ShippingPickler).
 _initialized: set = set()
 _task_counts: dict = {}
+_namespaces: dict = {}
+
+
+def _namespace(key, module_attrs: dict) -> dict:
+    """The one namespace, in this worker, of a module whose functions came by value."""
+    ns = _namespaces.get(key)
+    if ns is None:
+        ns = _namespaces[key] = dict(module_attrs)
+    return ns
+
+
+class _NamespaceRef:
+    """Pickles as the worker's namespace for (executor, module), not as a new dict."""
+
+    __slots__ = ("key", "attrs")
+
+    def __init__(self, key, attrs: dict):
+        self.key = key
+        self.attrs = attrs
+
+    def __reduce__(self):
+        return (_namespace, (self.key, self.attrs))
+
+
+def _setstate_keeping_namespace(func, state) -> None:
+    """cloudpickle's function state setter, except that globals the worker's namespace
+    already has keep their value there: what the initializer (or an earlier call) set in
+    this worker is not overwritten by the driver's value of the same name."""
+    st, slotstate = state
+    known = func.__globals__
+    slotstate = dict(slotstate)
+    slotstate["__globals__"] = {k: v for k, v in slotstate["__globals__"].items() if k not in known}
+    cloudpickle.cloudpickle._function_setstate(func, (st, slotstate))
+
+
+class _ShippingPickler(cloudpickle.Pickler):
+    """cloudpickle, but every function pickled by value (defined in ``__main__``, a
+    lambda, a closure) gets, in the worker, the one namespace of its module for this
+    executor, as functions of an imported module share their module's globals.
+
+    Plain cloudpickle gives each unpickled function a fresh globals dict, so a global
+    that ``initializer`` sets (``global model; model = load()``) would be invisible to
+    the calls: the main use of ``initializer`` in CPython's executor.
+    """
+
+    def __init__(self, file, executor_id: str):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._executor_id = executor_id
+        self._namespace_refs: dict = {}
+
+    def _function_getnewargs(self, func):
+        code, base_globals, name, argdefs, closure = super()._function_getnewargs(func)
+        ref = self._namespace_refs.get(id(base_globals))
+        if ref is None:
+            ref = _NamespaceRef((self._executor_id, base_globals.get("__name__")), dict(base_globals))
+            self._namespace_refs[id(base_globals)] = ref
+        return code, ref, name, argdefs, closure
+
+    def _dynamic_function_reduce(self, func):
+        newargs = self._function_getnewargs(func)
+        state = cloudpickle.cloudpickle._function_getstate(func)
+        return (cloudpickle.cloudpickle._make_function, newargs, state, None, None,
+                _setstate_keeping_namespace)
+
+
+class _Shipped:
+    """Wraps a user callable (or the initializer with its arguments) so that it travels
+    pickled by ``_ShippingPickler``; it unpickles as the object itself."""
+
+    __slots__ = ("obj", "executor_id")
+
+    def __init__(self, obj, executor_id: str):
+        self.obj = obj
+        self.executor_id = executor_id
+
+    def __reduce__(self):
+        buf = io.BytesIO()
+        _ShippingPickler(buf, self.executor_id).dump(self.obj)
+        return (pickle.loads, (buf.getvalue(),))
 
 
 class _Raised:
@@ -166,6 +252,15 @@ class _Runner:
             return _Raised(_ExceptionWithTraceback(e, e.__traceback__))
 
 
+    def __reduce__(self):
+        shipped = _Shipped((self.initializer, self.initargs), self.executor_id)
+        return (_make_runner, (self.executor_id, shipped, self.max_tasks_per_child))
+
+
+def _make_runner(executor_id, init, max_tasks_per_child) -> _Runner:
+    return _Runner(executor_id, init[0], init[1], max_tasks_per_child)
+
+
 class _BoundRunner:
     """A runner bound to one function: skate pickles it once and ships it to each worker
     once, instead of pickling the function into every call (for a lambda or a function
@@ -177,6 +272,9 @@ class _BoundRunner:
 
     def __call__(self, chunked, args, kwargs):
         return self.runner.run(self.fn, chunked, args, kwargs)
+
+    def __reduce__(self):
+        return (_BoundRunner, (self.runner, _Shipped(self.fn, self.runner.executor_id)))
 
 
 def _get_chunks(*iterables, chunksize):
@@ -228,6 +326,32 @@ class _WorkItem:
         self.args = args
         self.kwargs = kwargs
         self.ref = None
+
+
+def _own_value(core, ref):
+    """The value of a finished task, as the caller's own copy.
+
+    ``skate.get`` hands out arrays as zero-copy, read-only views of the serialized bytes
+    (or of shared memory); CPython's results arrive through a pipe and are writable. So
+    deserialize from a private, writable copy of the bytes: one copy, as CPython makes.
+    """
+    e = core.memory_store.get(ref.id)
+    state = e.state if e is not None else None
+    if state == INLINE:
+        return serialization.deserialize(bytearray(e.data))
+    if state == IN_STORE:
+        return serialization.deserialize(bytearray(core.read_store(ref.id)))
+    return core.get_values([ref], None)[0]   # raises the task's error
+
+
+def _pickling_error(w):
+    """The error the pickler raises for ``w``'s call (CPython's wording), or None."""
+    import cloudpickle
+    try:
+        cloudpickle.dumps((w.fn, w.args, w.kwargs))
+    except BaseException as e:  # noqa: BLE001
+        return e
+    return None
 
 
 def _settle(future, value=None, exc=None) -> None:
@@ -297,9 +421,9 @@ class ProcessPoolExecutor(_base.Executor):
         self._bound_tasks: dict = {}      # function -> its _BoundRunner task
         self._seen_once = weakref.WeakSet()   # functions submitted once so far
 
-        self._requested_workers = max_workers
         self._workers = max_workers       # resolved on first use when None: the cluster's CPUs
-        self._window = None if max_workers is None else max_workers + EXTRA_QUEUED_CALLS
+        self._window = None               # how many futures may be RUNNING (set on first use)
+        self._skate_cap = None            # how many of them may be tasks in skate
         self._core = None
 
         self._lock = threading.Lock()
@@ -402,15 +526,26 @@ class ProcessPoolExecutor(_base.Executor):
                 if not skate.is_initialized():   # not a lost race with another thread's init
                     raise
         core = runtime.core_or_init()
+        cpus = skate.cluster_resources().get("CPU", 1)
         workers = self._workers
         if workers is None:
-            cpus = skate.cluster_resources().get("CPU", 1)
             workers = max(1, int(cpus))
+        # CPython's futures are RUNNING from when they enter its call queue: up to
+        # max_workers calls in the processes plus max_workers + EXTRA queued. When the
+        # cluster cannot run more than max_workers tasks at once anyway, all of those are
+        # tasks in skate (queued at workers, so no worker idles between two calls).
+        # Otherwise only max_workers are, so no more than max_workers run at once, and
+        # one more waits here, claimed.
+        if cpus <= workers:
+            window = cap = 2 * workers + EXTRA_QUEUED_CALLS
+        else:
+            window, cap = workers + EXTRA_QUEUED_CALLS, workers
         with self._lock:
             self._core = core
-            if self._workers is None:
+            if self._window is None:
                 self._workers = workers
-                self._window = workers + EXTRA_QUEUED_CALLS
+                self._window = window
+                self._skate_cap = cap
 
     def _fill(self, start: list) -> None:
         """With the lock held: claims pending items into free slots, and lists the
@@ -425,7 +560,7 @@ class ProcessPoolExecutor(_base.Executor):
                 claimed.append(w)
             else:
                 dropped += 1      # cancelled while pending
-        while claimed and in_skate < self._workers:
+        while claimed and in_skate < self._skate_cap:
             w = claimed.popleft()
             self._in_skate.add(w)
             in_skate += 1
@@ -472,12 +607,13 @@ class ProcessPoolExecutor(_base.Executor):
         try:
             task, generic = self._task_for(w.fn)
             if generic:
-                ref = task.remote(w.fn, w.chunked, w.args, w.kwargs)
+                ref = task.remote(_Shipped(w.fn, self._id), w.chunked, w.args, w.kwargs)
             else:
                 ref = task.remote(w.chunked, w.args, w.kwargs)
         except BaseException as e:  # noqa: BLE001 - as CPython: the future carries it
             # CPython's _on_queue_feeder_error: a call that cannot be pickled fails its
-            # future, with the traceback of the failure as the cause.
+            # future with the pickler's error, the traceback of the failure as its cause.
+            e = _pickling_error(w) or e
             tb = traceback.format_exception(type(e), e, e.__traceback__)
             e.__cause__ = _RemoteTraceback('\n"""\n{}"""'.format("".join(tb)))
             self._task_done(w)
@@ -509,7 +645,7 @@ class ProcessPoolExecutor(_base.Executor):
         """On skate's callback thread: the task ended; settle its future."""
         value = exc = None
         try:
-            value = self._core.get_values([ref], None)[0]
+            value = _own_value(self._core, ref)
         except exceptions.WorkerCrashedError as e:
             if self._max_retries == 0:
                 self._break(e)
@@ -618,9 +754,12 @@ class _MapFeed:
         """In map()'s caller: submits chunks while the executor has room. Errors (the
         executor is shut down, the input raised) are raised here, as CPython's map does."""
         ex = self.executor
+        taken = 0
         while True:
             with ex._lock:
-                room = ex._window is None or len(ex._pending) < ex._window
+                # Bounded: with fast calls the pending queue may never fill up, and an
+                # endless input must not keep map() from returning.
+                room = ex._window is None or (len(ex._pending) < ex._window and taken < 2 * ex._window)
             if not room:
                 break
             chunk = next(self.chunks, None)
@@ -628,6 +767,7 @@ class _MapFeed:
                 self._finish()
                 return
             self._push(ex._submit_item(_WorkItem(Future(), self.fn, True, chunk, None)))
+            taken += 1
         # More input than room: a feeder thread takes the rest as room frees up.
         with ex._lock:
             ex._feeds.add(self)

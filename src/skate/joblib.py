@@ -19,11 +19,12 @@ The flow of one batch of calls::
          once per Parallel call and travel as ObjectRefs
       2. window: at most n_jobs batches in the cluster,
          the next ones wait here already pickled
-      3. _run_batch.remote(payload, limits, *array_refs)  ---> _execute_batch: arrays arrive as
-                                                                zero-copy read-only views; unpickle,
-                                                                run the calls (nested Parallel:
-                                                                threads, then sequential), pickle
-                                                                the results (out-of-band buffers)
+      3. _run_batch.remote(payload, context, *array_refs) ---> _execute_batch: arrays arrive as
+                                                                zero-copy read-only views; run the
+                                                                initializer once per process; set
+                                                                thread limits; run the calls (nested
+                                                                Parallel: threads, then sequential);
+                                                                pickle the results (out-of-band)
       4. core.on_ref_ready  <------------------------------ result (inline, or in shared memory)
       5. on skate's callback thread: the window sends the
          next waiting batch, then joblib's callback runs
@@ -31,17 +32,21 @@ The flow of one batch of calls::
          writable memory, or the task's ORIGINAL exception
          re-raised) and dispatches more work
 
-Errors: a failing call raises its original exception type in the driver, with the remote
-traceback attached as ``__cause__`` (as loky does). A worker that dies mid-batch is
-replaced and the batch re-run by the runtime (``max_retries``, default 3), then the call
-fails with ``WorkerCrashedError``. ``abort_everything`` (joblib calls it on the first
-error, or when a result generator is dropped) cancels every batch still queued or
-running.
+What loky does that this backend does too: large arrays arrive as read-only ``np.memmap``
+instances (here over the store's shared memory, not a temporary file); native thread
+pools in tasks are limited to the cluster's CPUs divided by ``n_jobs`` (or
+``inner_max_num_threads``), with the matching ``*_NUM_THREADS`` variables set while a
+batch runs; ``initializer(*initargs)`` runs once in each worker process a call uses;
+``multiprocessing.Manager`` proxies passed to tasks can connect back (the caller's
+authkey travels with the batches that carry a proxy); a failing call re-raises its
+original exception with the remote traceback as ``__cause__``; an argument that cannot
+be pickled raises ``PicklingError``.
 
-Deviations from loky, on purpose: large arrays are read-only in tasks whatever
-``mmap_mode`` says (``"c"``, ``"r+"`` and ``"w+"`` give the task a private writable copy;
-writes never reach the caller's array), and a nested ``Parallel`` that explicitly asks for
-``"skate"`` inside a task submits nested tasks, lending the task's CPU back while it waits.
+What is skate's own: a worker that dies mid-batch is replaced and the batch re-run
+(``max_retries``, default 3) before the call fails with ``WorkerCrashedError``;
+``abort_everything`` cancels the batches still queued or running; an explicitly nested
+``Parallel(backend="skate")`` inside a task submits nested tasks and lends the task's CPU
+back while it waits.
 
 May call: the public API (``skate.api``), ``skate.exceptions``, and the runtime's
 ``core_or_init``/``core`` for ``on_ref_ready`` and the worker-blocked signal.
@@ -50,7 +55,9 @@ May call: the public API (``skate.api``), ``skate.exceptions``, and the runtime'
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import os
 import pickle
 import sys
 import threading
@@ -66,12 +73,20 @@ from joblib.disk import memstr_to_bytes
 from skate import api, exceptions
 from skate._private import runtime
 
-__all__ = ["SkateBackend", "register", "RemoteTraceback"]
+__all__ = ["SkateBackend", "register", "RemoteTraceback", "BACKEND_NAME"]
 
 BACKEND_NAME = "skate"
 
-# The task options a backend accepts (parallel_config(backend="skate", num_cpus=2, ...)).
+# Options of the backend itself (parallel_config(backend="skate", num_cpus=2, ...)): the
+# task options of each batch, as in @skate.remote, and loky's worker initializer.
 TASK_OPTIONS = ("num_cpus", "num_gpus", "resources", "max_retries")
+BACKEND_OPTIONS = TASK_OPTIONS + ("initializer", "initargs")
+
+# The environment variables loky sets in its workers, and the thread pools (threadpoolctl
+# internal_api names) they govern in libraries already loaded.
+_THREAD_VARS = ParallelBackendBase.MAX_NUM_THREADS_VARS
+_POOL_OF_VAR = {"OPENBLAS_NUM_THREADS": "openblas", "MKL_NUM_THREADS": "mkl",
+                "BLIS_NUM_THREADS": "blis", "OMP_NUM_THREADS": "openmp"}
 
 
 # --------------------------------------------------------------------------------------
@@ -79,13 +94,17 @@ TASK_OPTIONS = ("num_cpus", "num_gpus", "resources", "max_retries")
 # --------------------------------------------------------------------------------------
 
 _loading = threading.local()     # the arrays of the payload being unpickled
-_threadpools = None              # (len(sys.modules), ThreadpoolController) in this worker
+_threadpools = None              # (len(sys.modules), ThreadpoolController) in this process
+_initialized: set = set()        # the initializers already run in this process
 
 
 def _shared_array(index: int, writable: bool):
-    """Unpickles the placeholder of a large array: the view the runtime resolved."""
+    """Unpickles the placeholder of a large array: the view the runtime resolved, as a
+    read-only ``np.memmap`` like loky's (or a private writable copy)."""
     array = _loading.arrays[index]
-    return array.copy() if writable else array
+    import numpy
+    view = array.view(numpy.memmap)
+    return view.copy() if writable else view
 
 
 def _threadpool_controller():
@@ -100,27 +119,71 @@ def _threadpool_controller():
         try:
             from threadpoolctl import ThreadpoolController
             _threadpools = (n, ThreadpoolController())
-        except Exception:  # noqa: BLE001 - no threadpoolctl: no limits, as without loky
+        except Exception:  # noqa: BLE001 - no threadpoolctl: no limits
             _threadpools = (n, None)
     return _threadpools[1]
 
 
-def _execute_batch(payload: bytes, inner_threads, *arrays):
+@contextlib.contextmanager
+def _caller_authkey(authkey):
+    """Unpickles Manager proxies with the caller's authkey, so they can connect back."""
+    if authkey is None:
+        yield
+        return
+    import multiprocessing
+    proc = multiprocessing.current_process()
+    saved = proc.authkey
+    proc.authkey = authkey
+    try:
+        yield
+    finally:
+        proc.authkey = saved
+
+
+@contextlib.contextmanager
+def _thread_limits(env, limits):
+    """The ``*_NUM_THREADS`` variables and native pool sizes of the batch, then back."""
+    if not env:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    controller = _threadpool_controller() if limits and "numpy" in sys.modules else None
+    per_lib = {lib.filepath: limits[lib.internal_api] for lib in controller.lib_controllers
+               if lib.internal_api in limits} if controller is not None else None
+    try:
+        if per_lib:
+            with controller.limit(limits=per_lib):
+                yield
+        else:
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _execute_batch(payload: bytes, context, *arrays):
     """Runs a pickled joblib batch; returns ``(pickle stream, out-of-band buffers)``.
 
-    The results are pickled here, not by the runtime, so that the caller can unpickle
-    them into writable memory: values the runtime returns are read-only views.
+    ``context`` is ``(env, limits, init_key, init_blob, authkey)``. The results are
+    pickled here, not by the runtime, so that the caller can unpickle them into writable
+    memory: values the runtime returns are read-only views.
     """
-    _loading.arrays = arrays
-    try:
-        batch = pickle.loads(payload)
-    finally:
-        _loading.arrays = ()
-    controller = _threadpool_controller() if inner_threads and "numpy" in sys.modules else None
-    if controller is not None:
-        with controller.limit(limits=inner_threads):
-            results = batch()
-    else:
+    env, limits, init_key, init_blob, authkey = context
+    with _caller_authkey(authkey):
+        if init_key is not None and init_key not in _initialized:
+            initializer, initargs = pickle.loads(init_blob)
+            initializer(*initargs)
+            _initialized.add(init_key)
+        _loading.arrays = arrays
+        try:
+            batch = pickle.loads(payload)
+        finally:
+            _loading.arrays = ()
+    with _thread_limits(env, limits):
         results = batch()
     buffers: list = []
     meta = cloudpickle.dumps(results, protocol=5, buffer_callback=buffers.append)
@@ -165,10 +228,10 @@ class _SharedArrays:
                 return entry[1]
         ref = api.put(array)
 
-        def forget(_wr, key=key):
+        def forget(wr, key=key):
             with self._lock:
                 e = self._refs.get(key)
-                if e is not None and e[0] is _wr:
+                if e is not None and e[0] is wr:
                     del self._refs[key]
         with self._lock:
             self._refs[key] = (weakref.ref(array, forget), ref)
@@ -183,38 +246,47 @@ class _SharedArrays:
 
 
 class _BatchPickler(cloudpickle.Pickler):
-    """cloudpickle, with large NumPy arrays replaced by placeholders for store refs."""
+    """cloudpickle, with large NumPy arrays replaced by placeholders for store refs, and
+    a note of whether a multiprocessing Manager proxy was met."""
 
-    def __init__(self, file, shared: _SharedArrays, max_nbytes: int, writable: bool, numpy):
+    def __init__(self, file, shared: _SharedArrays | None, max_nbytes, writable: bool):
         super().__init__(file, protocol=5)
+        numpy = sys.modules.get("numpy")
+        self._arrays = (numpy.ndarray, numpy.memmap) if numpy is not None and max_nbytes is not None \
+            and shared is not None else ()
         self._shared = shared
         self._max_nbytes = max_nbytes
         self._writable = writable
-        self._ndarray_types = (numpy.ndarray, numpy.memmap)
+        managers = sys.modules.get("multiprocessing.managers")
+        self._proxy = managers.BaseProxy if managers is not None else None
         self.refs: list = []
         self._index: dict = {}
+        self.has_proxy = False
 
     def reducer_override(self, obj):
         t = type(obj)
-        if (t is self._ndarray_types[0] or t is self._ndarray_types[1]) and \
-                obj.nbytes > self._max_nbytes and not obj.dtype.hasobject:
+        if t in self._arrays and obj.nbytes > self._max_nbytes and not obj.dtype.hasobject:
             i = self._index.get(id(obj))
             if i is None:
                 i = self._index[id(obj)] = len(self.refs)
                 self.refs.append(self._shared.ref_for(obj))
             return _shared_array, (i, self._writable)
+        if self._proxy is not None and isinstance(obj, self._proxy):
+            self.has_proxy = True
         return super().reducer_override(obj)
 
 
-def _pickle_batch(batch, shared: _SharedArrays, max_nbytes, writable: bool):
-    """``(payload, refs)``: the batch's pickle and the store refs of its large arrays."""
-    numpy = sys.modules.get("numpy")
-    if numpy is None or max_nbytes is None:
-        return cloudpickle.dumps(batch, protocol=5), []
+def _pickle(value, shared=None, max_nbytes=None, writable=False):
+    """``(pickle, store refs of its large arrays, whether it holds a Manager proxy)``."""
     buf = io.BytesIO()
-    pickler = _BatchPickler(buf, shared, max_nbytes, writable, numpy)
-    pickler.dump(batch)
-    return buf.getvalue(), pickler.refs
+    pickler = _BatchPickler(buf, shared, max_nbytes, writable)
+    pickler.dump(value)
+    return buf.getvalue(), pickler.refs, pickler.has_proxy
+
+
+def _caller_key() -> bytes:
+    import multiprocessing
+    return bytes(multiprocessing.current_process().authkey)
 
 
 class _Job:
@@ -303,10 +375,11 @@ class _TaskWindow:
 class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
     """joblib's parallel backend for skate (registered as ``"skate"``).
 
-    Keyword options (``parallel_config(backend="skate", num_cpus=2)``): ``num_cpus``,
-    ``num_gpus``, ``resources`` and ``max_retries`` of each batch's task, as in
-    ``@skate.remote``. ``n_jobs=-1`` means every CPU of the cluster (divided by
-    ``num_cpus``).
+    Options, given to ``parallel_config(backend="skate", ...)`` or ``Parallel(backend=
+    "skate", ...)``: ``num_cpus``, ``num_gpus``, ``resources`` and ``max_retries`` of
+    each batch's task, as in ``@skate.remote``; ``initializer`` and ``initargs``, run once
+    in each worker process a call uses, as with loky. ``n_jobs=-1`` means every CPU of
+    the cluster (divided by ``num_cpus``).
     """
 
     supports_retrieve_callback = True
@@ -316,38 +389,37 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_sharedmem = False
     uses_threads = False
 
-    def __init__(self, nesting_level=None, inner_max_num_threads=None, **task_options):
-        unknown = set(task_options) - set(TASK_OPTIONS)
+    def __init__(self, nesting_level=None, inner_max_num_threads=None, **options):
+        unknown = set(options) - set(BACKEND_OPTIONS)
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for the skate joblib backend; "
-                             f"valid options are: {', '.join(TASK_OPTIONS)}")
+                             f"valid options are: {', '.join(BACKEND_OPTIONS)}")
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
-        self._task_options = dict(task_options)
+        self._options = dict(options)
+        task_options = {k: v for k, v in options.items() if k in TASK_OPTIONS}
         self._run = _run_batch.options(**task_options) if task_options else _run_batch
         self._cpus_per_task = float(task_options.get("num_cpus", 1) or 1)
-        self._init_call_state()
-
-    def _init_call_state(self) -> None:
         self.parallel = None
         self._workers = None            # the _TaskWindow of the configured call
         self._shared = None              # the _SharedArrays of the running call
         self._n_jobs = 1
         self._max_nbytes = memstr_to_bytes("1M")
         self._writable_arrays = False
-        self._inner_threads = None
+        self._context = (None, None, None, None, None)
 
     # --- pickling the backend itself (nested configs, instances passed to tasks) ---------
     def __getstate__(self):
         return {"nesting_level": self.nesting_level, "inner_max_num_threads": self.inner_max_num_threads,
-                "task_options": self._task_options}
+                "options": self._options}
 
     def __setstate__(self, state):
-        self.__init__(state["nesting_level"], state["inner_max_num_threads"], **state["task_options"])
+        self.__init__(state["nesting_level"], state["inner_max_num_threads"], **state["options"])
 
     # --- sizing ---------------------------------------------------------------------------
-    def _cluster_cpus(self) -> float:
+    def _slots(self) -> int:
+        """How many of this backend's tasks the cluster can run at once."""
         runtime.core_or_init()
-        return float(api.cluster_resources().get("CPU", 0))
+        return max(int(api.cluster_resources().get("CPU", 0) // self._cpus_per_task), 1)
 
     def effective_n_jobs(self, n_jobs):
         if n_jobs == 0:
@@ -355,12 +427,11 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
         if n_jobs is None:
             return 1
         if n_jobs < 0:
-            slots = int(self._cluster_cpus() // self._cpus_per_task)
-            return max(slots + 1 + n_jobs, 1)
+            return max(self._slots() + 1 + n_jobs, 1)
         return n_jobs
 
     def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, max_nbytes="1M",
-                  mmap_mode="r", **_backend_kwargs):
+                  mmap_mode="r", initializer=None, initargs=None, **_backend_kwargs):
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
@@ -368,12 +439,41 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
         self._n_jobs = n_jobs
         self._max_nbytes = memstr_to_bytes(max_nbytes) if isinstance(max_nbytes, str) else max_nbytes
         self._writable_arrays = mmap_mode in ("c", "r+", "w+")
-        self._workers = _TaskWindow(n_jobs, self._run)
-        if self.inner_max_num_threads is not None:
-            self._inner_threads = int(self.inner_max_num_threads)
-        else:  # as loky: the cluster's CPUs shared among the n_jobs workers
-            self._inner_threads = max(int(self._cluster_cpus()) // n_jobs, 1)
+        slots = self._slots()
+        # More in flight than the cluster runs at once would only queue batches on busy
+        # workers, behind calls that may be slow, while the window could still choose.
+        self._workers = _TaskWindow(min(n_jobs, slots), self._run)
+        env, limits = self._thread_env(slots, n_jobs)
+        initializer = initializer if initializer is not None else self._options.get("initializer")
+        initargs = initargs if initargs is not None else self._options.get("initargs", ())
+        init_key = init_blob = init_key_auth = None
+        if initializer is not None:
+            init_blob, _, has_proxy = _pickle((initializer, tuple(initargs or ())))
+            init_key = hashlib.blake2b(init_blob, digest_size=16).digest()
+            init_key_auth = _caller_key() if has_proxy else None
+        self._context = (env, limits, init_key, init_blob, init_key_auth)
         return n_jobs
+
+    def _thread_env(self, slots: int, n_jobs: int):
+        """loky's worker environment for native thread pools, and the pool limits it means.
+
+        The cluster's CPUs shared among the ``n_jobs`` workers unless the caller set the
+        variable; ``inner_max_num_threads`` overrides both.
+        """
+        explicit = self.inner_max_num_threads
+        default = max(int(slots * self._cpus_per_task) // n_jobs, 1)
+        env = {}
+        for var in _THREAD_VARS:
+            env[var] = str(explicit if explicit is not None else os.environ.get(var, default))
+        if self.TBB_ENABLE_IPC_VAR not in os.environ:
+            env[self.TBB_ENABLE_IPC_VAR] = "1"
+        limits = {}
+        for var, pool in _POOL_OF_VAR.items():
+            try:
+                limits[pool] = int(env[var])
+            except ValueError:
+                pass
+        return env, limits
 
     # --- one Parallel call ----------------------------------------------------------------
     def start_call(self):
@@ -391,14 +491,17 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
             self._shared = _SharedArrays()
         callback = callback if callback is not None else (lambda job: None)
         try:
-            payload, refs = _pickle_batch(func, self._shared, self._max_nbytes, self._writable_arrays)
+            payload, refs, has_proxy = _pickle(func, self._shared, self._max_nbytes, self._writable_arrays)
         except exceptions.SkateError as e:   # e.g. the store cannot hold a large array
             return self._failed(e, callback)
         except Exception as e:  # noqa: BLE001 - any failure of a __reduce__
             err = pickle.PicklingError("Could not pickle the task to send it to the workers.")
             err.__cause__ = e
             return self._failed(err, callback)
-        job = _Job(payload, (self._inner_threads, *refs), callback)
+        context = self._context
+        if has_proxy and context[4] is None:
+            context = context[:4] + (_caller_key(),)
+        job = _Job(payload, (context, *refs), callback)
         self._workers.add(job)
         return job
 
@@ -419,8 +522,7 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
             cause = err.cause
             if not isinstance(cause, BaseException):
                 raise
-            cause.__cause__ = RemoteTraceback(err.traceback_str)
-            raise cause from cause.__cause__
+            raise cause from RemoteTraceback(err.traceback_str)
         finally:
             out.ref = None
         # Copies out of the store (or the inline message) into writable memory: what
@@ -432,7 +534,8 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
         if workers is not None:
             workers.cancel_all()
         if ensure_ready and self.parallel is not None:
-            self._workers = _TaskWindow(self._n_jobs, self._run)
+            self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel,
+                           **self.parallel._backend_kwargs)
 
     def terminate(self):
         workers, self._workers = self._workers, None

@@ -1,4 +1,4 @@
-r"""The pool's dispatcher: pending units, batches, at most ``processes`` in flight.
+r"""The pool's dispatcher: pending units, batches, at most ``processes`` running.
 
 ::
 
@@ -13,11 +13,16 @@ r"""The pool's dispatcher: pending units, batches, at most ``processes`` in flig
 
 1. Units arrive in the order of the pool's jobs (the task handler walks each job's
    units, as the standard library's does) and wait in ``pending``.
-2. While fewer than ``processes`` batches of this pool are in flight, ``_pump`` takes the
-   next units off ``pending`` as one batch and submits it as one skate task. A batch
-   holds as many units as run in about ``_TARGET_BATCH_S`` (measured: the worker reports
-   how long its units took), but never more than leaves every slot work to do, so slow
-   units still go one per worker. Many tiny units then cost one round trip, not one each.
+2. While fewer than ``window`` batches of this pool are in flight, ``_pump`` takes the
+   next units off ``pending`` as one batch and submits it as one skate task. ``window``
+   is ``processes``, so at most that many run at once; or twice that when the cluster
+   has no more CPUs than ``processes`` (it cannot run more at once anyway, and each
+   worker then finds its next batch waiting, with no round trip to the pool between).
+   A batch holds as many items as run in about ``_TARGET_BATCH_S`` (measured: the worker
+   reports how long its units took; a map chunk counts its length), but no more than
+   leaves every process two batches of the work pending, so slow units still spread
+   over the workers; work under ``_MIN_SPLIT_S`` is not split at all. Many tiny units
+   then cost one round trip, not one each, and a small ``map`` is one task.
 3. When a batch's result is ready its slot is freed and the next batch sent first, then
    each unit's outcome goes to its job's result object (``cache[job]._set(i, outcome)``,
    the standard library's own result classes), which runs the user's callbacks.
@@ -45,11 +50,13 @@ from functools import partial
 import skate
 from skate import exceptions as exc_mod
 from skate._private import runtime
-from skate.multiprocessing._runner import dumps, loads
+from skate.multiprocessing._runner import MAP, dumps, loads
 
-_TARGET_BATCH_S = 0.02         # aim: a batch takes about this long on its worker
-_MAX_BATCH = 20_000            # units
+_TARGET_BATCH_S = 0.01         # aim: a batch takes about this long on its worker
+_MIN_SPLIT_S = 0.001           # ... but work shorter than this is not split across workers
+_MAX_BATCH = 20_000            # units in a batch at most
 _MAX_PENDING = 50_000          # units waiting before the task handler blocks
+_GROUP = 1024                  # units of an in-memory input added at once
 _RAISE = -1                    # a unit standing for an exception of the input iterable
 
 
@@ -81,18 +88,18 @@ class Function:
 
 
 class _Batch:
-    __slots__ = ("units", "ref", "alone")
+    __slots__ = ("units", "ref")
 
-    def __init__(self, units: list, alone: bool):
+    def __init__(self, units: list):
         self.units = units      # [(job, index, Function, kind, payload)]
         self.ref = None
-        self.alone = alone      # a unit rerun alone after its batch's worker died
 
 
 class Dispatcher:
-    def __init__(self, pool_id: bytes, window: int, remote_fn, cache, *, init=None,
+    def __init__(self, pool_id: bytes, processes: int, window: int, remote_fn, cache, *, init=None,
                  max_tasks=None, max_retries: int = 3):
         self._pool_id = pool_id
+        self._processes = processes
         self._slots = window                  # batches in flight at most
         self._cache = cache
         self._init = init
@@ -106,37 +113,77 @@ class Dispatcher:
         self._pending: deque = deque()
         self._alone: deque = deque()          # units to run one per batch (crash isolation)
         self._inflight: set = set()
-        self._unit_s = None                   # moving average of a unit's run time
+        self._pending_items = 0               # items in pending (a map chunk: its length)
+        self._item_s = None                   # moving average of an item's run time
         self.terminated = False
         self._core = runtime.core_or_init()
 
     # --- task handler thread ----------------------------------------------------------
     def add(self, unit) -> None:
-        if unit[3] == _RAISE:
-            self._deliver_one(unit, (False, unit[4]))
+        """One unit of a lazy input: sent as soon as a slot is free."""
+        self.add_group([unit])
+
+    def add_all(self, units):
+        """The units of an input already in memory (a list, a range, a call's arguments),
+        added in groups so that the first batches already hold several. Returns the last."""
+        unit = None
+        group = []
+        for unit in units:
+            group.append(unit)
+            if len(group) >= _GROUP:
+                self.add_group(group)
+                group = []
+                if self.terminated:
+                    return unit
+        self.add_group(group)
+        return unit
+
+    def add_group(self, units: list) -> None:
+        if units and units[-1][3] == _RAISE:       # the input broke: its last unit
+            self.add_group(units[:-1])
+            self._deliver_one(units[-1], (False, units[-1][4]))
+            return
+        if not units:
             return
         with self._lock:
             while len(self._pending) >= _MAX_PENDING and not self.terminated:
                 self._space.wait()
             if self.terminated:
                 return
-            self._pending.append(unit)
+            self._pending.extend(units)
+            self._pending_items += sum(map(_items, units))
             if len(self._inflight) >= self._slots:
                 return
         self._pump()
 
     # --- batches ----------------------------------------------------------------------
-    def _batch_size(self) -> int:
-        if self._unit_s is None:
-            size = 1
-        else:
-            size = int(_TARGET_BATCH_S / max(self._unit_s, 1e-7)) or 1
-        # Leave work for every free slot, so slow units are not queued behind each other.
-        fair = -(-len(self._pending) // self._slots)
-        size = min(size, fair, _MAX_BATCH)
-        if self._max_tasks is not None:
-            size = min(size, self._max_tasks)
-        return max(size, 1)
+    def _batch_items(self) -> int:
+        """How many items the next batch should hold."""
+        item_s = self._item_s
+        if item_s is None:
+            return 1
+        item_s = max(item_s, 1e-8)
+        size = int(_TARGET_BATCH_S / item_s) or 1
+        # Leave work for every process, twice over, so uneven units still balance out;
+        # but never split work so small that the round trip would cost more than it.
+        fair = max(-(-self._pending_items // (2 * self._processes)), int(_MIN_SPLIT_S / item_s))
+        return max(min(size, fair), 1)
+
+    def _take_batch(self) -> list:
+        pending = self._pending
+        unit = pending.popleft()
+        units = [unit]
+        items = _items(unit)
+        budget = self._batch_items()
+        most = _MAX_BATCH if self._max_tasks is None else min(_MAX_BATCH, self._max_tasks)
+        while pending and len(units) < most:
+            n = _items(pending[0])
+            if items + n > budget:
+                break
+            units.append(pending.popleft())
+            items += n
+        self._pending_items -= items
+        return units
 
     def _pump(self) -> None:
         while True:
@@ -144,16 +191,10 @@ class Dispatcher:
                 if self.terminated or len(self._inflight) >= self._slots:
                     return
                 if self._alone:
-                    batch = _Batch([self._alone.popleft()], alone=True)
+                    batch = _Batch([self._alone.popleft()])
                 elif self._pending:
-                    pending = self._pending
-                    size = self._batch_size()
-                    if size == 1:
-                        units = [pending.popleft()]
-                    else:
-                        units = [pending.popleft() for _ in range(min(size, len(pending)))]
-                    batch = _Batch(units, alone=False)
-                    if len(pending) < _MAX_PENDING:
+                    batch = _Batch(self._take_batch())
+                    if len(self._pending) < _MAX_PENDING:
                         self._space.notify()
                 else:
                     return
@@ -186,8 +227,11 @@ class Dispatcher:
         if blob is not None:
             remote = self._remote_alone if len(sent) == 1 else self._remote_batch
             try:
+                if runtime._core is not self._core:
+                    raise RuntimeError("skate was shut down (skate.shutdown()) under this "
+                                       "skate.multiprocessing.Pool: create a new pool")
                 ref = remote.remote(self._pool_id, self._init, self._max_tasks, tuple(functions), blob)
-            except Exception as e:  # noqa: BLE001 - e.g. skate was shut down under the pool
+            except Exception as e:  # noqa: BLE001 - the batch's units fail with it
                 failed.extend((u, e) for u in sent)
                 blob = None
             else:
@@ -231,21 +275,24 @@ class Dispatcher:
                     self._alone.extendleft(reversed(units))
             else:
                 errors = {0: _crash_error(units[0], e)}
-        except exc_mod.TaskCancelledError:
-            pass                        # terminate()
-        except BaseException as e:  # noqa: BLE001 - fail the batch's units with it
+        except BaseException as e:  # noqa: BLE001 - fail the batch's units with it (after
+            # terminate(), TaskCancelledError: nothing is delivered then)
             cause = getattr(e, "cause", None) if isinstance(e, exc_mod.TaskError) else None
             errors = dict.fromkeys(range(len(units)), cause if cause is not None else e)
         else:
-            values, errors = loads(blob)
+            try:
+                values, errors = loads(blob)
+            except Exception as e:  # noqa: BLE001 - e.g. a result's class cannot be imported here
+                values, errors = None, dict.fromkeys(range(n_run), e)
             if n_run < len(units):      # the worker retired (maxtasksperchild): rest unrun
+                rest = units[n_run:]
                 with self._lock:
-                    self._pending.extendleft(reversed(units[n_run:]))
+                    self._pending.extendleft(reversed(rest))
+                    self._pending_items += sum(map(_items, rest))
                 units = units[:n_run]
-            unit_s = seconds / max(n_run, 1)
-            self._unit_s = unit_s if self._unit_s is None else 0.7 * self._unit_s + 0.3 * unit_s
+            item_s = seconds / max(sum(map(_items, units)), 1)
+            self._item_s = item_s if self._item_s is None else 0.7 * self._item_s + 0.3 * item_s
         batch.units = None              # the arguments are not kept alive past their results
-        ref = None
         with self._lock:
             self._inflight.discard(batch)
             terminated = self.terminated
@@ -280,11 +327,17 @@ class Dispatcher:
         with self._lock:
             self.terminated = True
             self._pending.clear()
+            self._pending_items = 0
             self._alone.clear()
             refs = [b.ref for b in self._inflight if b.ref is not None]
             self._space.notify_all()
         for ref in refs:
             _cancel(ref)
+
+
+def _items(unit) -> int:
+    """A unit's size in items: a map chunk's length, else 1."""
+    return len(unit[4]) if unit[3] >= MAP else 1
 
 
 def _cancel(ref) -> None:

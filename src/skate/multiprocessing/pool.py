@@ -56,6 +56,7 @@ RUN = "RUN"
 CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
 
+_MAX_FUNCTIONS = 64         # functions a pool keeps pickled
 # initializer + initargs larger than this go to the object store once, not with each batch
 _INLINE_INIT_BYTES = 64 * 1024
 
@@ -96,20 +97,24 @@ def _chunks(iterable, size):
 
 
 def _handle_tasks(taskqueue, dispatcher: Dispatcher) -> None:
-    """The task handler thread: hands each job's units to the dispatcher, job after job."""
-    for taskseq, set_length in iter(taskqueue.get, None):
+    """The task handler thread: hands each job's units to the dispatcher, job after job
+    (``in_memory``: the input is a sequence, its units are added in groups; else each
+    unit as soon as the input yields it)."""
+    for taskseq, set_length, in_memory in iter(taskqueue.get, None):
         task = None
         try:
-            for task in taskseq:
-                if dispatcher.terminated:
-                    break
-                dispatcher.add(task)
+            if in_memory:
+                task = dispatcher.add_all(taskseq)
             else:
-                if set_length:
-                    idx = task[1] if task else -1
-                    set_length(idx + 1)
-                continue
-            break
+                for task in taskseq:
+                    if dispatcher.terminated:
+                        break
+                    dispatcher.add(task)
+            if dispatcher.terminated:
+                break
+            if set_length:
+                idx = task[1] if task else -1
+                set_length(idx + 1)
         finally:
             task = taskseq = None
 
@@ -154,6 +159,7 @@ class Pool:
         self._initializer = initializer
         self._initargs = initargs
         self._ctx = context
+        self._functions: dict = {}
 
         if processes is None:
             processes = cpu_count()
@@ -178,7 +184,7 @@ class Pool:
             if len(init) > _INLINE_INIT_BYTES:
                 init = (skate.put(init),)     # nested: the worker fetches it only when needed
         self._remote = skate.remote(num_cpus=1, max_retries=max_retries)(_runner.run_batch)
-        self._dispatcher = Dispatcher(pool_id, self._window(processes), self._remote, self._cache, init=init,
+        self._dispatcher = Dispatcher(pool_id, processes, self._window(processes), self._remote, self._cache, init=init,
                                       max_tasks=maxtasksperchild, max_retries=max_retries)
         self._task_handler = threading.Thread(target=_handle_tasks, args=(self._taskqueue, self._dispatcher),
                                               name="skate-pool-tasks", daemon=True)
@@ -217,6 +223,18 @@ class Pool:
         if self._state != RUN:
             raise ValueError("Pool not running")
 
+    def _function(self, func) -> Function:
+        """The pool's record of ``func``, pickled once however many jobs run it. (Like a
+        forked worker's copy of the parent, a function shipped by value carries the
+        globals it saw when first sent.)"""
+        known = self._functions.get(id(func))
+        if known is None or known.fn is not func:
+            known = Function(func)
+            if len(self._functions) >= _MAX_FUNCTIONS:
+                self._functions.clear()
+            self._functions[id(func)] = known     # holds func: its id is not reused meanwhile
+        return known
+
     # --- the methods ------------------------------------------------------------------
     def apply(self, func, args=(), kwds={}):
         '''Equivalent of `func(*args, **kwds)`. Pool must be running.'''
@@ -239,15 +257,15 @@ class Pool:
         self._check_running()
         if chunksize == 1:
             result = IMapIterator(self)
-            self._taskqueue.put((_units(result._job, Function(func), _runner.ONE, iterable),
-                                 result._set_length))
+            self._taskqueue.put((_units(result._job, self._function(func), _runner.ONE, iterable),
+                                 result._set_length, hasattr(iterable, "__len__")))
             return result
         else:
             if chunksize < 1:
                 raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
             result = IMapIterator(self)
-            self._taskqueue.put((_units(result._job, Function(func), _runner.MAP, _chunks(iterable, chunksize)),
-                                 result._set_length))
+            self._taskqueue.put((_units(result._job, self._function(func), _runner.MAP, _chunks(iterable, chunksize)),
+                                 result._set_length, hasattr(iterable, "__len__")))
             return (item for chunk in result for item in chunk)
 
     def imap_unordered(self, func, iterable, chunksize=1):
@@ -255,15 +273,15 @@ class Pool:
         self._check_running()
         if chunksize == 1:
             result = IMapUnorderedIterator(self)
-            self._taskqueue.put((_units(result._job, Function(func), _runner.ONE, iterable),
-                                 result._set_length))
+            self._taskqueue.put((_units(result._job, self._function(func), _runner.ONE, iterable),
+                                 result._set_length, hasattr(iterable, "__len__")))
             return result
         else:
             if chunksize < 1:
                 raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
             result = IMapUnorderedIterator(self)
-            self._taskqueue.put((_units(result._job, Function(func), _runner.MAP, _chunks(iterable, chunksize)),
-                                 result._set_length))
+            self._taskqueue.put((_units(result._job, self._function(func), _runner.MAP, _chunks(iterable, chunksize)),
+                                 result._set_length, hasattr(iterable, "__len__")))
             return (item for chunk in result for item in chunk)
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
@@ -271,7 +289,7 @@ class Pool:
         self._check_running()
         result = ApplyResult(self, guard_callback(callback, "callback"),
                              guard_callback(error_callback, "error_callback"))
-        self._taskqueue.put(([(result._job, 0, Function(func), _runner.CALL, (args, kwds))], None))
+        self._taskqueue.put(([(result._job, 0, self._function(func), _runner.CALL, (args, kwds))], None, True))
         return result
 
     def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
@@ -292,7 +310,7 @@ class Pool:
 
         result = MapResult(self, chunksize, len(iterable), guard_callback(callback, "callback"),
                            error_callback=guard_callback(error_callback, "error_callback"))
-        self._taskqueue.put((_units(result._job, Function(func), kind, _chunks(iterable, chunksize)), None))
+        self._taskqueue.put((_units(result._job, self._function(func), kind, _chunks(iterable, chunksize)), None, True))
         return result
 
     # --- the pool's end ---------------------------------------------------------------

@@ -44,6 +44,8 @@ def main(opts: dict) -> int:
     node_socket = os.path.join(session_dir, "node.sock")
 
     from skate._private.node import zygote
+    from skate._private.object_store import shm
+    session_lock = shm.hold_session_lock(session)  # noqa: F841 - held for life (and by children)
     zyg = zygote.start({
         "session": session,
         "session_dir": session_dir,
@@ -74,6 +76,10 @@ def main(opts: dict) -> int:
     sys.stdout.flush()
     _redirect_output(os.path.join(log_dir, "node.out"))
 
+    try:  # segments of sessions whose processes were all SIGKILLed
+        shm.reap_orphans()
+    except Exception:
+        pass
     monitor = LogMonitor(log_dir, lambda lines: loop.call_soon(nm.forward_logs, lines)).start()
     nm.log_monitor = monitor
 
@@ -94,6 +100,10 @@ def main(opts: dict) -> int:
         _forget_latest(opts["latest_file"], session)
     if not opts.get("keep_logs"):
         shutil.rmtree(session_dir, ignore_errors=True)
+    try:
+        os.unlink(session_lock.name)
+    except OSError:
+        pass
     return 0
 
 

@@ -125,6 +125,7 @@ class NodeManager:
         stopped once they have idled a while; the pool shrinks back to its size."""
         if self.shutting_down:
             return
+        self.store.trim_spares()
         now = time.monotonic()
         excess = len(self.workers) - self.min_workers
         for worker in list(self.idle):
@@ -385,14 +386,14 @@ class NodeManager:
     # --- object store -------------------------------------------------------------------
     def _on_store_reserve(self, conn, rid, oid, size) -> None:
         try:
-            self.store.reserve(oid, size)
+            recycled = self.store.reserve(oid, size)
         except Exception as exc:
             conn.send((M.REPLY, rid, False, exc))
             return
         client = self.clients.get(conn)
         if client is not None:
             client.reservations.add(oid)
-        conn.send((M.REPLY, rid, True, None))
+        conn.send((M.REPLY, rid, True, recycled))
 
     def _on_store_seal(self, conn, oid, size) -> None:
         client = self.clients.get(conn)

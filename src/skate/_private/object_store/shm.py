@@ -103,6 +103,101 @@ def _create(session: str, object_id: bytes, size: int, fill) -> int:
     return size
 
 
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+LOCK_DIR = "/tmp/skate-session-locks"
+
+
+def hold_session_lock(session: str):
+    """Marks ``session`` alive for as long as this process (or a child it forks) lives:
+    an ``flock`` on ``LOCK_DIR/<session>``. Returns the open file; keep it."""
+    import fcntl
+    os.makedirs(LOCK_DIR, mode=0o1777, exist_ok=True)
+    f = open(os.path.join(LOCK_DIR, session), "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def reap_orphans() -> int:
+    """Unlinks the segments of sessions no live process holds the lock of (a node that
+    was SIGKILLed cannot clean up after itself; the next node on the machine does)."""
+    import fcntl
+    sessions = set()
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(PREFIX):
+            parts = name.split("-")
+            if len(parts) == 3:
+                sessions.add(parts[1])
+    reaped = 0
+    for session in sessions:
+        path = os.path.join(LOCK_DIR, session)
+        try:
+            f = open(path, "a")
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue          # held: the session is alive
+            reaped += cleanup_session(session)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        finally:
+            f.close()
+    return reaped
+
+
+def rename(session: str, old_id: bytes, new_id: bytes) -> None:
+    """Gives a segment another object id (how the store recycles freed segments: their
+    pages stay allocated, so the next writer only copies)."""
+    os.rename(os.path.join(SHM_DIR, segment_name(session, old_id)[1:]),
+              os.path.join(SHM_DIR, segment_name(session, new_id)[1:]))
+
+
+def write_existing(session: str, object_id: bytes, sobj) -> int:
+    """Writes a ``SerializedObject`` into the object's existing (recycled) segment,
+    resizing it to fit: shrinking frees the tail's pages, growing reserves new ones."""
+    name = segment_name(session, object_id)
+    size = sobj.total_size()
+    length = max(size, 1)
+    seg = posix_ipc.SharedMemory(name)
+    try:
+        old = seg.size
+        if length > old:
+            try:
+                os.posix_fallocate(seg.fd, old, length - old)
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    raise _full_error(size, name, os.strerror(exc.errno)) from exc
+                raise
+        elif length < old:
+            os.ftruncate(seg.fd, length)
+        # The pages exist already: map them all at once instead of one fault per page.
+        mm = mmap.mmap(seg.fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        seg.close_fd()
+        try:
+            mv = memoryview(mm)
+            try:
+                sobj.write_into(mv)
+            finally:
+                mv.release()
+        finally:
+            mm.close()
+    except BaseException:
+        seg.close_fd()
+        _unlink_name(name)
+        raise
+    return size
+
+
 def create_and_write(session: str, object_id: bytes, sobj) -> int:
     """Creates the object's segment and writes a ``SerializedObject`` into it.
 

@@ -346,14 +346,33 @@ class CoreWorker:
 
     def write_to_store(self, oid: bytes, sobj) -> int:
         size = sobj.total_size()
-        self.node_request(M.STORE_RESERVE, oid, size)
+        if self.ref_counter.has_pending_releases():
+            # Objects dropped just before may free the segment this one can reuse.
+            self._apply_releases_now()
+        recycled = self.node_request(M.STORE_RESERVE, oid, size)
         try:
-            shm.create_and_write(self.session, oid, sobj)
+            if recycled:
+                shm.write_existing(self.session, oid, sobj)
+            else:
+                shm.create_and_write(self.session, oid, sobj)
         except BaseException:
             self.node_conn.send((M.STORE_ABORT, oid))
             raise
         self.node_conn.send((M.STORE_SEAL, oid, size))
         return size
+
+    def _apply_releases_now(self) -> None:
+        if self.loop.in_loop_thread():
+            self.ref_counter.apply_released()
+            return
+        done = threading.Event()
+
+        def apply():
+            self.ref_counter.apply_released()
+            self.node_conn.flush()   # STORE_FREE leaves before the next request
+            done.set()
+        self.loop.call_soon(apply)
+        done.wait(5)
 
     # --- get / wait ----------------------------------------------------------------------
     def _ensure_fetch(self, refs) -> None:

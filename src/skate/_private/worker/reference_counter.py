@@ -143,6 +143,9 @@ class ReferenceCounter:
         if released:
             self.apply_released()
 
+    def has_pending_releases(self) -> bool:
+        return bool(self._released)
+
     # --- queries -----------------------------------------------------------------------
     def count(self) -> int:
         return len(self.refs)
