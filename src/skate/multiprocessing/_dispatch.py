@@ -118,6 +118,13 @@ class Dispatcher:
         self.terminated = False
         self._core = runtime.core_or_init()
 
+    def warm_up(self, workers: int) -> None:
+        """Gets ``workers`` workers started (and initialized) in the background, as the
+        standard library starts its processes in ``Pool()``: the first map then finds
+        them ready instead of waiting for them to start."""
+        for _ in range(workers):
+            self._remote_alone.remote(self._pool_id, self._init, None, (), b"")
+
     # --- task handler thread ----------------------------------------------------------
     def add(self, unit) -> None:
         """One unit of a lazy input: sent as soon as a slot is free."""

@@ -150,6 +150,10 @@ def run_batch(pool_id: bytes, init, max_tasks, functions: tuple, units_blob: byt
     """
     start = time.perf_counter()
     state = _state(pool_id)
+    if not units_blob:      # warm-up: this worker starts (and initializes) before work arrives
+        if init is not None:
+            _initialize(state, init)
+        return b"", 0, 0.0
     units = loads(units_blob)
     n = len(units)
     if max_tasks is not None:

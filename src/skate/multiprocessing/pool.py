@@ -184,8 +184,14 @@ class Pool:
             if len(init) > _INLINE_INIT_BYTES:
                 init = (skate.put(init),)     # nested: the worker fetches it only when needed
         self._remote = skate.remote(num_cpus=1, max_retries=max_retries)(_runner.run_batch)
-        self._dispatcher = Dispatcher(pool_id, processes, self._window(processes), self._remote, self._cache, init=init,
+        cpus = int(skate.cluster_resources().get("CPU", 0))
+        # When the cluster cannot run more than ``processes`` at once anyway, a second
+        # batch per process may wait at the worker's caller: the worker starts it the
+        # moment it finishes the first, with no round trip to this pool between.
+        window = processes * 2 if cpus <= processes else processes
+        self._dispatcher = Dispatcher(pool_id, processes, window, self._remote, self._cache, init=init,
                                       max_tasks=maxtasksperchild, max_retries=max_retries)
+        self._dispatcher.warm_up(min(processes, cpus))
         self._task_handler = threading.Thread(target=_handle_tasks, args=(self._taskqueue, self._dispatcher),
                                               name="skate-pool-tasks", daemon=True)
         self._task_handler.start()
@@ -194,15 +200,6 @@ class Pool:
                                            self._changed)
         self._finalizer.atexit = False
         self._state = RUN
-
-    @staticmethod
-    def _window(processes: int) -> int:
-        """How many batches may be in flight. ``processes`` keeps at most that many running;
-        when the cluster has no more CPUs than that, it cannot run more anyway, and a
-        second batch per process waits at the worker's caller instead: the worker starts
-        it the moment it finishes the first, with no round trip to this pool between."""
-        cpus = skate.cluster_resources().get("CPU", 0)
-        return processes * 2 if cpus <= processes else processes
 
     # Copy globals as function locals, as the standard library does: __del__ may run at
     # interpreter shutdown.

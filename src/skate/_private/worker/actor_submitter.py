@@ -141,6 +141,8 @@ class ActorSubmitter:
                 a.conn.close()
                 a.conn = None
             return
+        if a.state == "KILLING" and state != DEAD:
+            return   # an update from before the kill: wait for the verdict
         if state == ALIVE and record.get("worker_id") and record["worker_id"] != a.worker_id:
             try:
                 conn = self.core.connect_peer_for_lease(record["socket_path"])
@@ -201,7 +203,11 @@ class ActorSubmitter:
         return exc_mod.ActorDiedError(f"the actor {a.class_name} ({a.actor_id.hex()}) is dead: {cause}")
 
     def kill(self, actor_id, no_restart: bool) -> None:
-        self._actor(actor_id)
+        a = self._actor(actor_id)
+        if no_restart and a.state != DEAD:
+            # Nothing more goes out to it: calls made after kill() wait for the node's
+            # DEAD verdict and fail with its cause, instead of racing the SIGKILL.
+            a.state = "KILLING"
         self.core.node_conn.send((M.KILL_ACTOR, actor_id, no_restart))
 
     def state_of(self, actor_id):
