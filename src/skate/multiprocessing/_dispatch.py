@@ -306,21 +306,35 @@ class Dispatcher:
         if terminated:
             return
         self._pump()
-        cache = self._cache
+        # Each job's outcomes go to its result object in one call (one lock, one wake-up
+        # per batch for an imap iterator), else one ``_set`` each, as the stdlib does.
+        by_job: dict = {}
         if not errors:
-            if values is not None:
-                for unit, value in zip(units, values):
-                    try:
-                        cache[unit[0]]._set(unit[1], (True, value))
-                    except KeyError:
-                        pass
-            return
-        for i, unit in enumerate(units):
-            outcome = (False, errors[i]) if i in errors else (True, values[i])
-            try:
-                cache[unit[0]]._set(unit[1], outcome)
-            except KeyError:
-                pass
+            if values is None:
+                return
+            for unit, value in zip(units, values):
+                job = by_job.get(unit[0])
+                if job is None:
+                    job = by_job[unit[0]] = []
+                job.append((unit[1], (True, value)))
+        else:
+            for i, unit in enumerate(units):
+                outcome = (False, errors[i]) if i in errors else (True, values[i])
+                by_job.setdefault(unit[0], []).append((unit[1], outcome))
+        cache = self._cache
+        for job, outcomes in by_job.items():
+            result = cache.get(job)
+            if result is None:
+                continue
+            set_many = getattr(result, "_set_many", None)
+            if set_many is not None:
+                set_many(outcomes)
+                continue
+            for i, outcome in outcomes:
+                try:
+                    cache[job]._set(i, outcome)
+                except KeyError:
+                    pass
 
     def _deliver_one(self, unit, outcome) -> None:
         try:

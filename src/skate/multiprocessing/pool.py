@@ -14,7 +14,7 @@ original type, with the remote traceback as ``__cause__``) and misuse errors.
         |  a job: a result object in ``_cache``, its units (calls, chunks, items) as a
         v  generator on ``_taskqueue``
     task handler thread: walks each job's units in order ---> Dispatcher (``_dispatch.py``)
-        ---> batches, at most ``processes`` in flight ---> skate tasks: ``_runner.run_batch``
+        ---> batches, at most ``processes`` running ---> skate tasks: ``_runner.run_batch``
         <--- outcomes, on skate's callback thread ---> ``cache[job]._set(i, outcome)``
              (the result becomes ready; the user's callback runs there, as in the stdlib)
 
@@ -35,7 +35,9 @@ the embedded cluster when needed), ``_dispatch`` and ``_runner``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import operator
 import queue
 import secrets
 import threading
@@ -119,6 +121,89 @@ def _handle_tasks(taskqueue, dispatcher: Dispatcher) -> None:
             task = taskseq = None
 
 
+@contextlib.contextmanager
+def _lending_cpu():
+    """Inside a skate task, waiting for a pool's results lends the task's CPU back (as
+    ``skate.get`` does), so a task may use a pool of its own even when every CPU is
+    held by a task waiting like it. In a driver: nothing to lend."""
+    core = runtime._core
+    if core is None or core.is_driver:
+        yield
+        return
+    core._set_blocked(True)
+    try:
+        yield
+    finally:
+        core._set_blocked(False)
+
+
+class _WaitLendsCpu:
+    """A result's wait inside a task lends the task's CPU (see ``_lending_cpu``)."""
+
+    def wait(self, timeout=None):
+        if self._event.is_set():
+            return
+        with _lending_cpu():
+            super().wait(timeout)
+
+
+class _NextLendsCpu:
+    def next(self, timeout=None):
+        if self._items:
+            return super().next(timeout)
+        with _lending_cpu():
+            return super().next(timeout)
+
+    __next__ = next
+
+
+class _ApplyResult(_WaitLendsCpu, ApplyResult):
+    """The standard library's ``AsyncResult`` (what ``apply_async`` returns)."""
+
+
+class _MapResult(_WaitLendsCpu, MapResult):
+    """The standard library's ``MapResult`` (what ``map_async`` returns)."""
+
+
+class _IMapIterator(_NextLendsCpu, IMapIterator):
+    """The standard library's ``imap`` iterator, also taking a batch of outcomes at once."""
+
+    def _set_many(self, outcomes) -> None:
+        """``_set(i, obj)`` for each ``(i, obj)``, under one lock, waking as many waiters
+        as items became available."""
+        with self._cond:
+            appended = 0
+            for i, obj in outcomes:
+                if self._index == i:
+                    self._items.append(obj)
+                    self._index += 1
+                    appended += 1
+                    while self._index in self._unsorted:
+                        self._items.append(self._unsorted.pop(self._index))
+                        self._index += 1
+                        appended += 1
+                else:
+                    self._unsorted[i] = obj
+            if appended:
+                self._cond.notify(appended)
+            if self._index == self._length:
+                del self._cache[self._job]
+                self._pool = None
+
+
+class _IMapUnorderedIterator(_NextLendsCpu, IMapUnorderedIterator):
+    """The standard library's ``imap_unordered`` iterator, also taking a batch at once."""
+
+    def _set_many(self, outcomes) -> None:
+        with self._cond:
+            self._items.extend(obj for _i, obj in outcomes)
+            self._index += len(outcomes)
+            self._cond.notify(len(outcomes))
+            if self._index == self._length:
+                del self._cache[self._job]
+                self._pool = None
+
+
 class _CacheEmpty:
     """The notifier ``_PoolCache`` calls when the last job is done: wakes ``join``."""
 
@@ -165,6 +250,7 @@ class Pool:
             processes = cpu_count()
         if processes < 1:
             raise ValueError("Number of processes must be at least 1")
+        processes = operator.index(processes)   # the stdlib's range(processes) raises TypeError
         if maxtasksperchild is not None:
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
@@ -253,14 +339,14 @@ class Pool:
         '''Equivalent of `map()`, lazily: results in order as they are ready.'''
         self._check_running()
         if chunksize == 1:
-            result = IMapIterator(self)
+            result = _IMapIterator(self)
             self._taskqueue.put((_units(result._job, self._function(func), _runner.ONE, iterable),
                                  result._set_length, hasattr(iterable, "__len__")))
             return result
         else:
             if chunksize < 1:
                 raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-            result = IMapIterator(self)
+            result = _IMapIterator(self)
             self._taskqueue.put((_units(result._job, self._function(func), _runner.MAP, _chunks(iterable, chunksize)),
                                  result._set_length, hasattr(iterable, "__len__")))
             return (item for chunk in result for item in chunk)
@@ -269,14 +355,14 @@ class Pool:
         '''Like `imap()` method but ordering of results is arbitrary.'''
         self._check_running()
         if chunksize == 1:
-            result = IMapUnorderedIterator(self)
+            result = _IMapUnorderedIterator(self)
             self._taskqueue.put((_units(result._job, self._function(func), _runner.ONE, iterable),
                                  result._set_length, hasattr(iterable, "__len__")))
             return result
         else:
             if chunksize < 1:
                 raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
-            result = IMapUnorderedIterator(self)
+            result = _IMapUnorderedIterator(self)
             self._taskqueue.put((_units(result._job, self._function(func), _runner.MAP, _chunks(iterable, chunksize)),
                                  result._set_length, hasattr(iterable, "__len__")))
             return (item for chunk in result for item in chunk)
@@ -284,7 +370,7 @@ class Pool:
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
         '''Asynchronous version of `apply()` method.'''
         self._check_running()
-        result = ApplyResult(self, guard_callback(callback, "callback"),
+        result = _ApplyResult(self, guard_callback(callback, "callback"),
                              guard_callback(error_callback, "error_callback"))
         self._taskqueue.put(([(result._job, 0, self._function(func), _runner.CALL, (args, kwds))], None, True))
         return result
@@ -305,7 +391,7 @@ class Pool:
         if len(iterable) == 0:
             chunksize = 0
 
-        result = MapResult(self, chunksize, len(iterable), guard_callback(callback, "callback"),
+        result = _MapResult(self, chunksize, len(iterable), guard_callback(callback, "callback"),
                            error_callback=guard_callback(error_callback, "error_callback"))
         self._taskqueue.put((_units(result._job, self._function(func), kind, _chunks(iterable, chunksize)), None, True))
         return result

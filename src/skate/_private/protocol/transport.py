@@ -52,6 +52,14 @@ class ConnectionClosed(ConnectionError):
     pass
 
 
+# Test-only fault injection (see skate/_private/testing/faults.py): when set, every
+# message sent goes through ``fault_hook(conn, msg)``, which returns None to send it as
+# is, or the list of messages to send instead ([] drops it; it may also delay a message
+# with ``conn.loop.call_later(d, conn.send_raw, msg)`` or close the connection). Off
+# unless SKATE_FAULTS is set in the environment: one global lookup per send.
+fault_hook = None
+
+
 class Connection:
     """One framed, batched, bidirectional message stream."""
 
@@ -77,6 +85,19 @@ class Connection:
     # --- sending (any thread) -------------------------------------------------------
     def send(self, msg) -> None:
         """Queues ``msg``; it leaves with the other messages of this loop tick."""
+        if fault_hook is not None and self._faulted(msg, self.send_raw):
+            return
+        self.send_raw(msg)
+
+    def _faulted(self, msg, sender) -> bool:
+        out = fault_hook(self, msg)
+        if out is None:
+            return False
+        for m in out:
+            sender(m)
+        return True
+
+    def send_raw(self, msg) -> None:
         with self._lock:
             self._pending.append(msg)
             if self._dirty:
@@ -86,11 +107,19 @@ class Connection:
 
     def send_deferred(self, msg) -> None:
         """Queues ``msg`` without waking the I/O thread; the caller flushes later."""
+        if fault_hook is not None and self._faulted(msg, self._queue_raw):
+            return
+        self._queue_raw(msg)
+
+    def _queue_raw(self, msg) -> None:
         with self._lock:
             self._pending.append(msg)
 
     def send_now(self, msg) -> None:
         """Queues ``msg`` and writes everything queued at once, from this thread."""
+        if fault_hook is not None and self._faulted(msg, self._queue_raw):
+            self.flush()
+            return
         with self._lock:
             self._pending.append(msg)
             self._flush_locked()
@@ -484,3 +513,8 @@ class _Slot:
         if isinstance(self.value, BaseException):
             raise self.value
         raise RuntimeError(str(self.value))
+
+
+if os.environ.get("SKATE_FAULTS"):
+    from skate._private.testing import faults as _faults  # noqa: E402 - test-only
+    _faults.install_from_env()
