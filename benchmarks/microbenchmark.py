@@ -140,6 +140,13 @@ WORKLOADS: dict[str, tuple[Metric, ...]] = {
     "wait for 1k refs": (Metric("wait for 1k refs", "rounds/s", "higher"),),
     "wait for 1k finished refs at once": (Metric("wait for 1k finished refs at once", "calls/s",
                                                  "higher"),),
+    "1:1 actor calls sync": (Metric("1:1 actor calls sync", "calls/s", "higher"),),
+    "1:1 actor calls async": (Metric("1:1 actor calls async", "calls/s", "higher"),),
+    "1:1 actor calls concurrent": (Metric("1:1 actor calls concurrent", "calls/s", "higher"),),
+    "1:n actor calls async": (Metric("1:n actor calls async", "calls/s", "higher"),),
+    "n:n actor calls async": (Metric("n:n actor calls async", "calls/s", "higher"),),
+    "1:1 async-actor calls async": (Metric("1:1 async-actor calls async", "calls/s", "higher"),),
+    "create 100 actors, one call each": (Metric("create 100 actors, one call each", "s", "lower"),),
     "get object containing 10k refs": (Metric("get object containing 10k refs", "calls/s",
                                               "higher"),),
 }
@@ -216,6 +223,34 @@ def idle_footprint() -> dict[str, float]:
             "idle footprint driver": driver_pss / MiB}
 
 
+ACTOR_CALLS = 1000   # calls per round in the async actor workloads (as in Ray's ray_perf.py)
+MANY_ACTORS = 100
+
+
+class Server:
+    """The actor of the actor workloads: a method that does nothing."""
+
+    def small_value(self):
+        return b"ok"
+
+
+class AsyncServer:
+    async def small_value(self):
+        return b"ok"
+
+
+def _client_class(rt):
+    class ActorClient:
+        def __init__(self, servers):
+            self.servers = servers
+
+        def small_value_batch(self, n):
+            refs = [s.small_value.remote() for s in self.servers for _ in range(n)]
+            rt.get(refs)
+            return len(refs)
+    return rt.remote(ActorClient)
+
+
 class RayLikeWorkloads:
     """The workloads on a runtime with Ray's API: skate itself, or Ray."""
 
@@ -224,6 +259,7 @@ class RayLikeWorkloads:
 
         self.rt, self.budget, self.np = rt, budget, np
         self.noop = rt.remote(noop)
+        self.server = rt.remote(Server)
 
     def single_client_get_calls(self):
         value = self.rt.put(0)
@@ -296,6 +332,65 @@ class RayLikeWorkloads:
         calls, secs = timed_calls(wait_all, self.budget)
         return {"wait for 1k finished refs at once": calls / secs}
 
+    # --- actors (issue 3's targets; definitions follow Ray's ray_perf.py) -------------
+    def _server(self, **options):
+        a = self.server.options(**options).remote() if options else self.server.remote()
+        assert self.rt.get(a.small_value.remote()) == b"ok"
+        return a
+
+    def actor_calls_1_1_sync(self):
+        a = self._server()
+        calls, secs = timed_calls(lambda: self.rt.get(a.small_value.remote()), self.budget)
+        return {"1:1 actor calls sync": calls / secs}
+
+    def actor_calls_1_1_async(self):
+        a = self._server()
+        calls, secs = timed_calls(
+            lambda: self.rt.get([a.small_value.remote() for _ in range(ACTOR_CALLS)]), self.budget)
+        return {"1:1 actor calls async": calls * ACTOR_CALLS / secs}
+
+    def actor_calls_1_1_concurrent(self):
+        a = self._server(max_concurrency=16)
+        calls, secs = timed_calls(
+            lambda: self.rt.get([a.small_value.remote() for _ in range(ACTOR_CALLS)]), self.budget)
+        return {"1:1 actor calls concurrent": calls * ACTOR_CALLS / secs}
+
+    def actor_calls_1_n_async(self):
+        actors = [self._server() for _ in range(2)]
+        calls, secs = timed_calls(
+            lambda: self.rt.get([a.small_value.remote() for _ in range(ACTOR_CALLS // 2) for a in actors]),
+            self.budget)
+        return {"1:n actor calls async": calls * ACTOR_CALLS / secs}
+
+    def actor_calls_n_n_async(self):
+        servers = [self._server() for _ in range(2)]
+        client_cls = _client_class(self.rt)
+        clients = [client_cls.remote(servers) for _ in range(2)]
+        per = ACTOR_CALLS // 4   # each client: per calls to each of 2 servers
+        calls, secs = timed_calls(
+            lambda: self.rt.get([c.small_value_batch.remote(per) for c in clients]), self.budget)
+        return {"n:n actor calls async": calls * per * 4 / secs}
+
+    def async_actor_calls_1_1_async(self):
+        a = self.rt.remote(AsyncServer).remote()
+        assert self.rt.get(a.small_value.remote()) == b"ok"
+        calls, secs = timed_calls(
+            lambda: self.rt.get([a.small_value.remote() for _ in range(ACTOR_CALLS)]), self.budget)
+        return {"1:1 async-actor calls async": calls * ACTOR_CALLS / secs}
+
+    def create_100_actors_one_call_each(self):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            actors = [self.server.remote() for _ in range(MANY_ACTORS)]
+            assert self.rt.get([a.small_value.remote() for a in actors]) == OKS[:MANY_ACTORS]
+            times.append(time.perf_counter() - start)
+            for a in actors:
+                self.rt.kill(a)
+            del actors
+            time.sleep(0.5)
+        return {"create 100 actors, one call each": sorted(times)[1]}
+
     def get_object_containing_10k_refs(self):
         outer = self.rt.put([self.rt.put(1) for _ in range(CONTAINED_REFS)])
         def get():
@@ -326,8 +421,19 @@ class PoolWorkloads:
         return {"tasks async": ASYNC_TASKS * calls / secs}
 
 
+_METHODS = {
+    "1:1 actor calls sync": "actor_calls_1_1_sync",
+    "1:1 actor calls async": "actor_calls_1_1_async",
+    "1:1 actor calls concurrent": "actor_calls_1_1_concurrent",
+    "1:n actor calls async": "actor_calls_1_n_async",
+    "n:n actor calls async": "actor_calls_n_n_async",
+    "1:1 async-actor calls async": "async_actor_calls_1_1_async",
+    "create 100 actors, one call each": "create_100_actors_one_call_each",
+}
+
+
 def method_name(workload: str) -> str:
-    return workload.replace(" ", "_").lower()
+    return _METHODS.get(workload) or workload.replace(" ", "_").lower()
 
 
 def start_system(system: str):
@@ -598,6 +704,15 @@ def target_checks(medians) -> list[tuple[str, str, str]]:
                        f"{v:.0f} MiB in {n:.0f} processes (children "
                        f"{sk.get('idle footprint children', 0):.0f} + driver "
                        f"{sk.get('idle footprint driver', 0):.0f})", verdict(v <= 100)))
+    for wl in ("1:1 actor calls sync", "1:1 actor calls async", "1:1 actor calls concurrent",
+               "1:n actor calls async", "n:n actor calls async", "1:1 async-actor calls async"):
+        s, r = sk.get(wl), ray.get(wl)
+        if s is not None and r is not None:
+            checks.append((f"{wl}: >= 3x Ray's rate", f"skate/ray {s / r:.2f}x", verdict(s >= 3 * r)))
+    s, r = sk.get("create 100 actors, one call each"), ray.get("create 100 actors, one call each")
+    if s is not None and r is not None:
+        checks.append(("create 100 actors + a call each: >= 3x faster than Ray",
+                       f"{s:.2f} s vs {r:.2f} s ({r / s:.1f}x faster)", verdict(r >= 3 * s)))
     return checks
 
 

@@ -17,7 +17,8 @@ The flow of one batch of calls::
       1. pickle the batch (cloudpickle); NumPy arrays larger
          than max_nbytes are put in the shared-memory store
          once per Parallel call and travel as ObjectRefs
-      2. window: at most n_jobs batches in the cluster,
+      2. window: at most n_jobs batches in the cluster
+         (or, when n_jobs covers it, two per CPU slot);
          the next ones wait here already pickled
       3. _run_batch.remote(payload, context, *array_refs) ---> _execute_batch: arrays arrive as
                                                                 zero-copy read-only views; run the
@@ -142,27 +143,38 @@ def _caller_authkey(authkey):
 
 @contextlib.contextmanager
 def _thread_limits(env, limits):
-    """The ``*_NUM_THREADS`` variables and native pool sizes of the batch, then back."""
+    """The ``*_NUM_THREADS`` variables and native pool sizes of the batch, then back.
+
+    Only what differs is changed (workers usually have the right values already: the
+    runtime starts them with one thread per pool), so most batches change nothing.
+    """
     if not env:
         yield
         return
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    environ = os.environ
+    saved_env = [(k, environ.get(k)) for k, v in env.items() if environ.get(k) != v]
+    for k, _ in saved_env:
+        environ[k] = env[k]
+    saved_pools = []
     controller = _threadpool_controller() if limits and "numpy" in sys.modules else None
-    per_lib = {lib.filepath: limits[lib.internal_api] for lib in controller.lib_controllers
-               if lib.internal_api in limits} if controller is not None else None
+    if controller is not None:
+        for lib in controller.lib_controllers:
+            want = limits.get(lib.internal_api)
+            if want is not None:
+                have = lib.num_threads
+                if have != want:
+                    lib.set_num_threads(want)
+                    saved_pools.append((lib, have))
     try:
-        if per_lib:
-            with controller.limit(limits=per_lib):
-                yield
-        else:
-            yield
+        yield
     finally:
-        for k, v in saved.items():
+        for lib, have in saved_pools:
+            lib.set_num_threads(have)
+        for k, v in saved_env:
             if v is None:
-                os.environ.pop(k, None)
+                environ.pop(k, None)
             else:
-                os.environ[k] = v
+                environ[k] = v
 
 
 _contexts: dict = {}             # pickled batch context -> context (a few per process)
@@ -319,10 +331,10 @@ class _Job:
 class _TaskWindow:
     """The batches of one configured backend: at most ``limit`` in the cluster at once.
 
-    joblib's ``n_jobs`` is "the maximum number of concurrently running jobs", while it
-    pre-dispatches ``2 * n_jobs`` batches: the extra ones wait here, already pickled,
-    and go out from the completion callback of the batch before them. Stands where
-    loky's executor stands (``backend._workers``): a new window after an abort.
+    joblib pre-dispatches ``2 * n_jobs`` batches and more as results come back; those
+    beyond the limit (``SkateBackend._window_size``) wait here, already pickled, and go
+    out from the completion callback of a batch before them. Stands where loky's
+    executor stands (``backend._workers``): a new window after an abort.
     """
 
     def __init__(self, limit: int, run):
@@ -455,9 +467,7 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
         self._max_nbytes = memstr_to_bytes(max_nbytes) if isinstance(max_nbytes, str) else max_nbytes
         self._writable_arrays = mmap_mode in ("c", "r+", "w+")
         slots = self._slots()
-        # More in flight than the cluster runs at once would only queue batches on busy
-        # workers, behind calls that may be slow, while the window could still choose.
-        self._workers = _TaskWindow(min(n_jobs, slots) + int(__import__("os").environ.get("SKW", "0")), self._run)
+        self._workers = _TaskWindow(self._window_size(n_jobs, slots, parallel), self._run)
         env, limits = self._thread_env(slots, n_jobs)
         initializer = initializer if initializer is not None else self._options.get("initializer")
         initargs = initargs if initargs is not None else self._options.get("initargs", ())
@@ -469,6 +479,22 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
         self._context = (env, limits, init_key, init_blob, init_key_auth)
         self._context_blob = pickle.dumps(self._context, protocol=5)
         return n_jobs
+
+    @staticmethod
+    def _window_size(n_jobs: int, slots: int, parallel) -> int:
+        """How many batches may be in the cluster at once.
+
+        ``n_jobs`` when the cluster has more room than that: joblib's "maximum number of
+        concurrently running jobs". When ``n_jobs`` covers the whole cluster, the cluster
+        bounds what runs and a few more batches may wait in the runtime's queue, ready
+        the moment a worker frees (no round trip through this process): one per slot,
+        as loky queues a call ahead per worker. Not for ``generator_unordered``: the
+        runtime may queue a batch behind one on a busy worker, and a slow call there
+        would hold back a result that unordered delivery promises early.
+        """
+        if n_jobs < slots or (parallel is not None and not getattr(parallel, "return_ordered", True)):
+            return min(n_jobs, slots)
+        return 2 * slots
 
     def _thread_env(self, slots: int, n_jobs: int):
         """loky's worker environment for native thread pools, and the pool limits it means.

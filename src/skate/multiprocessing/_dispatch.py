@@ -56,7 +56,7 @@ _TARGET_BATCH_S = 0.01         # aim: a batch takes about this long on its worke
 _MIN_SPLIT_S = 0.001           # ... but work shorter than this is not split across workers
 _MAX_BATCH = 20_000            # units in a batch at most
 _MAX_PENDING = 50_000          # units waiting before the task handler blocks
-_GROUP = 1024                  # units of an in-memory input added at once
+_GROUP = 1024                  # items of an in-memory input added at once
 _RAISE = -1                    # a unit standing for an exception of the input iterable
 
 
@@ -132,14 +132,19 @@ class Dispatcher:
 
     def add_all(self, units):
         """The units of an input already in memory (a list, a range, a call's arguments),
-        added in groups so that the first batches already hold several. Returns the last."""
+        added in groups of ``_GROUP`` items, so that the first batches already hold
+        several small units while a big map chunk leaves as soon as it is cut. Returns
+        the last unit."""
         unit = None
         group = []
+        items = 0
         for unit in units:
             group.append(unit)
-            if len(group) >= _GROUP:
+            items += _items(unit)
+            if items >= _GROUP:
                 self.add_group(group)
                 group = []
+                items = 0
                 if self.terminated:
                     return unit
         self.add_group(group)

@@ -89,7 +89,12 @@ def _units(job, fn: Function, kind: int, iterable):
 
 
 def _chunks(iterable, size):
-    """The standard library's ``Pool._get_tasks``, without the function."""
+    """The standard library's ``Pool._get_tasks``, without the function. A ``range`` is
+    cut into smaller ranges: the same items, without making and pickling each int here."""
+    if type(iterable) is range and isinstance(size, int) and size >= 1:
+        for start in range(0, len(iterable), size):
+            yield iterable[start:start + size]
+        return
     it = iter(iterable)
     while 1:
         x = tuple(itertools.islice(it, size))

@@ -494,12 +494,16 @@ class CoreWorker:
         if any(type(a) is ObjectRef for a in args) or any(type(v) is ObjectRef for v in kwargs.values()):
             args = tuple(self._top(a, top_refs) for a in args)
             kwargs = {k: self._top(v, top_refs) for k, v in kwargs.items()}
-        sobj = _serialize_args(name, args, kwargs)
-        spec.args_blob = sobj.to_bytes()
-        spec.top_refs = top_refs
         me = self.worker_id
-        spec.arg_refs = [(oid, None if owner[0] == me else owner) for oid, owner in top_refs] + \
-            [(r.id, None if r.owner[0] == me else r.owner) for r in sobj.contained_refs]
+        if not args and not kwargs:
+            spec.args_blob = _NO_ARGS   # common (getters, no-op tasks): nothing to pickle
+            spec.arg_refs = []
+        else:
+            sobj = _serialize_args(name, args, kwargs)
+            spec.args_blob = sobj.to_bytes()
+            spec.arg_refs = [(oid, None if owner[0] == me else owner) for oid, owner in top_refs] + \
+                [(r.id, None if r.owner[0] == me else r.owner) for r in sobj.contained_refs]
+        spec.top_refs = top_refs
         spec.num_returns = num_returns
         spec.return_ids = [ids_mod.return_object_id(task_id, i) for i in range(max(num_returns, 1))]
         spec.retries_left = max_retries
@@ -605,6 +609,9 @@ class CoreWorker:
             os.unlink(self.socket_path)
         except OSError:
             pass
+
+
+_NO_ARGS = serialization.dumps(((), {}))
 
 
 def _error_blob(err) -> bytes:
