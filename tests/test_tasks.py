@@ -322,3 +322,23 @@ def test_a_task_runs_in_another_process_than_the_driver():
 
     pids = set(skate.get([pid.remote() for _ in range(20)], timeout=GET_TIMEOUT))
     assert os.getpid() not in pids
+
+
+def test_short_tasks_do_not_wait_behind_a_long_one_while_a_worker_idles(skate_cluster, tmp_path):
+    """Short tasks are pipelined several to a worker; when one of them turns out long,
+    the tasks queued behind it move to the idle worker instead of waiting."""
+    release = tmp_path / "release"
+
+    @skate.remote
+    def step(i, gate):
+        while gate and not os.path.exists(gate):
+            time.sleep(0.01)
+        return i
+
+    skate.get([step.remote(i, None) for i in range(300)])   # the class now looks short
+    blocker = step.remote(-1, str(release))
+    quick = [step.remote(i, None) for i in range(8)]
+    ready, _ = skate.wait(quick, num_returns=8, timeout=60)
+    release.touch()
+    assert len(ready) == 8          # all done while the blocker still held its worker
+    assert skate.get(blocker, timeout=60) == -1

@@ -13,6 +13,9 @@ standard library, where each unit is a separate message).
         ExceptionWithTraceback, so the caller sees RemoteTraceback as __cause__)
         ---> (outcomes pickled, units run, seconds)
 
+    run_batch(pool_id, init, None, (), b"")     the pool's warm-up: nothing to run, but
+                                                 the worker is started and initialized
+
 Values and arguments are pickled here and in the pool with cloudpickle, once per batch:
 lambdas and classes defined in ``__main__`` travel, and the skate task itself carries
 only ``bytes`` (the runtime's fast path). A value that cannot be pickled becomes the
@@ -27,7 +30,8 @@ unrun, to go elsewhere); the pool's unpickled functions; and one globals namespa
 ``_PoolState.share_globals``).
 
 May call: the public API (``skate.get`` for a large initializer payload) and
-``runtime.retire_worker_after_task``. Runs only inside skate workers.
+``runtime.retire_worker_after_task``. ``run_batch`` runs inside skate workers; the pool
+imports this module for its constants and pickling functions.
 """
 
 from __future__ import annotations

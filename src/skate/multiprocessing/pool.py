@@ -88,10 +88,14 @@ def _units(job, fn: Function, kind: int, iterable):
         yield (job, i + 1, fn, _RAISE, e)
 
 
+_SLICEABLE = (range, list, tuple)
+
+
 def _chunks(iterable, size):
-    """The standard library's ``Pool._get_tasks``, without the function. A ``range`` is
-    cut into smaller ranges: the same items, without making and pickling each int here."""
-    if type(iterable) is range and isinstance(size, int) and size >= 1:
+    """The standard library's ``Pool._get_tasks``, without the function. A ``range``,
+    ``list`` or ``tuple`` is sliced instead: the same items (a range's chunks are ranges,
+    not made and pickled int by int here)."""
+    if type(iterable) in _SLICEABLE and isinstance(size, int) and size >= 1:
         for start in range(0, len(iterable), size):
             yield iterable[start:start + size]
         return

@@ -36,6 +36,8 @@ Core worker <-> core worker (caller to leased worker, borrower to owner)
     PUSH_TASK(spec)                  -> TASK_DONE(task_id, results, worker_error)
     CANCEL_TASK(task_id, force, recursive)
     RETIRING()                       worker -> caller: last reply sent, exiting on purpose
+    STEAL(n)                         caller -> worker: give back up to n tasks not started
+    STOLEN(task_ids)                 worker -> caller: these never ran; run them elsewhere
     GET_OBJECT(rid, oid)             -> REPLY(rid, ok, (kind, payload)) once ready
     ADD_BORROWER(oids) / REMOVE_BORROWER(oids)
     REPLY(rid, ok, value)
@@ -75,6 +77,8 @@ GET_OBJECT = 25
 ADD_BORROWER = 26
 REMOVE_BORROWER = 27
 RETIRING = 28
+STEAL = 29
+STOLEN = 35
 
 # Result kinds inside TASK_DONE and GET_OBJECT replies.
 RESULT_INLINE = 0     # payload: serialized bytes

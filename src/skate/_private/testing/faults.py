@@ -371,6 +371,13 @@ def kill_point(label: str | None, phase: str) -> None:
             answer = _conn.recv(16)
         except OSError:
             answer = b""
+        except BaseException:
+            # Interrupted (a cancelled task's TaskCancelledError): the answer to this
+            # report must not be read as the answer to the next one.
+            if _conn is not None:
+                _conn.close()
+            _conn = None
+            raise
         if not answer:  # the injector is gone: go on without it
             try:
                 if _conn is not None:

@@ -195,6 +195,11 @@ class CoreWorker:
             self._adopt_caller_context(msg[2], msg[3])
         elif kind == M.RETIRING:
             self.submitter.on_worker_retiring(conn)
+        elif kind == M.STEAL:
+            if self.executor is not None:
+                self.executor.give_back(conn, msg[1])
+        elif kind == M.STOLEN:
+            self.submitter.on_stolen(conn, msg[1])
         elif kind == M.CANCEL_TASK:
             if self.executor is not None:
                 self.executor.cancel(conn, msg[1], msg[2], msg[3])

@@ -106,6 +106,22 @@ class TaskExecutor:
         for tid in list(self.core.submitter.tasks):
             self.core.submitter.cancel(tid, False, True)
 
+    def give_back(self, conn, n: int) -> None:
+        """STEAL from a caller whose other worker idles: hand back up to ``n`` of its
+        tasks that have not started, newest first (the oldest are next to run here)."""
+        taken = []
+        with self.cond:
+            if self.actor is not None:
+                return
+            for item in reversed(self.queue):
+                if len(taken) >= n:
+                    break
+                if item[0] is conn:
+                    taken.append(item)
+            for item in taken:
+                self.queue.remove(item)
+        conn.send((M.STOLEN, [wire[0] for _, wire in taken]))
+
     def caller_gone(self, conn) -> None:
         self.callers.discard(conn)
         with self.cond:

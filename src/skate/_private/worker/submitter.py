@@ -59,7 +59,7 @@ class TaskSpec:
 
 
 class _Leased:
-    __slots__ = ("worker_id", "conn", "inflight", "idle_since", "functions")
+    __slots__ = ("worker_id", "conn", "inflight", "idle_since", "functions", "stealing")
 
     def __init__(self, worker_id, conn):
         self.worker_id = worker_id
@@ -67,6 +67,7 @@ class _Leased:
         self.inflight: dict = {}
         self.idle_since = time.monotonic()
         self.functions: set = set()
+        self.stealing = False         # a STEAL is on its way to this worker
 
 
 class _Class:
@@ -157,6 +158,8 @@ class TaskSubmitter:
                 spec.worker = best
                 best.inflight[spec.task_id] = spec
                 best.conn.send((M.PUSH_TASK, spec.wire()))
+        elif cls.workers:
+            self._steal_for_idle(cls)
         if queue:
             want = min(len(queue), _MAX_LEASE_REQUESTS) - cls.requests
             for _ in range(max(0, want)):
@@ -165,6 +168,34 @@ class TaskSubmitter:
                     self._on_lease, cls, ok, val))
         else:
             self._arm_idle_timer()
+
+    def _steal_for_idle(self, cls: _Class) -> None:
+        """A worker of the class idles while another has tasks waiting behind a running
+        one (pipelined while tasks looked short): take half of those back to run them on
+        the idle worker. Without this a long task holds up short ones queued behind it."""
+        workers = cls.workers.values()
+        if not any(not w.inflight for w in workers):
+            return
+        busiest = max(workers, key=lambda w: len(w.inflight))
+        waiting = len(busiest.inflight) - 1
+        if waiting >= 1 and not busiest.stealing:
+            busiest.stealing = True
+            busiest.conn.send((M.STEAL, (waiting + 1) // 2))
+
+    def on_stolen(self, conn, task_ids) -> None:
+        ref = conn.peer
+        if ref is None:
+            return
+        cls, leased = ref
+        leased.stealing = False
+        back = []
+        for tid in task_ids:
+            spec = leased.inflight.pop(tid, None)
+            if spec is not None and not spec.done:
+                spec.worker = None
+                back.append(spec)
+        cls.queue.extendleft(reversed(back))
+        self._pump(cls)
 
     def _on_lease(self, cls: _Class, ok: bool, value) -> None:
         cls.requests -= 1
