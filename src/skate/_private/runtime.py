@@ -229,6 +229,12 @@ def _connect(address: str) -> None:
     if token is None and latest is not None and latest.get("gcs_address") == address:
         token = latest.get("token")
     if token is None:
+        try:
+            with open(os.path.join(CONFIG.temp_dir, "clusters", address.replace(":", "_") + ".json")) as f:
+                token = json.load(f).get("token")
+        except (OSError, ValueError):
+            pass
+    if token is None:
         raise PermissionError(f"no token for the cluster at {address}: set SKATE_TOKEN to the token "
                               f"printed by `skate start --head`")
     gcs = GcsClient(address, token)

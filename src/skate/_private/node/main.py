@@ -97,7 +97,7 @@ def main(opts: dict) -> int:
     if gcs_server is not None:
         gcs_server.stop(grace=0)
     if opts.get("head") and opts.get("latest_file"):
-        _forget_latest(opts["latest_file"], session)
+        _forget_cluster_files(opts["latest_file"], session)
     if not opts.get("keep_logs"):
         shutil.rmtree(session_dir, ignore_errors=True)
     try:
@@ -154,9 +154,12 @@ def _start_gcs(opts, nm, loop):
         nm.gcs_address = address
     loop.call_soon(set_address)
     if opts.get("latest_file"):
-        _write_latest(opts["latest_file"], {"gcs_address": address, "session": nm.session,
-                                            "session_dir": nm.session_dir, "pid": os.getpid(),
-                                            "token": opts["token"]})
+        record = {"gcs_address": address, "session": nm.session, "session_dir": nm.session_dir,
+                  "pid": os.getpid(), "token": opts["token"]}
+        _write_latest(opts["latest_file"], record)
+        # Per cluster too, so a driver joining by address finds the token even after
+        # another cluster became the latest.
+        _write_latest(_cluster_file(opts["latest_file"], address), record)
 
     def heartbeat():
         while True:
@@ -194,12 +197,30 @@ class ActorReporter:
                 pass
 
 
+def _cluster_file(latest_file: str, address: str) -> str:
+    d = os.path.join(os.path.dirname(latest_file), "clusters")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return os.path.join(d, address.replace(":", "_") + ".json")
+
+
 def _write_latest(path: str, data: dict) -> None:
     tmp = path + f".{os.getpid()}"
     # The file holds the cluster token: readable by this user only.
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
+
+
+def _forget_cluster_files(latest_file: str, session: str) -> None:
+    """Removes this session's entries: the latest-cluster file and its per-address file."""
+    _forget_latest(latest_file, session)
+    clusters = os.path.join(os.path.dirname(latest_file), "clusters")
+    try:
+        names = os.listdir(clusters)
+    except OSError:
+        return
+    for name in names:
+        _forget_latest(os.path.join(clusters, name), session)
 
 
 def _forget_latest(path: str, session: str) -> None:

@@ -312,6 +312,7 @@ class CoreWorker:
             except Exception:  # noqa: BLE001 - a callback's error must not stop the others
                 import traceback
                 traceback.print_exc()
+            fn = ref = None   # nothing of the last callback stays alive while we wait
 
     def as_future(self, ref):
         import concurrent.futures
