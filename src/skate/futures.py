@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
 import os
 import pickle
 import threading
@@ -187,7 +188,12 @@ class _ShippingPickler(cloudpickle.Pickler):
 
 class _Shipped:
     """Wraps a user callable (or the initializer with its arguments) so that it travels
-    pickled by ``_ShippingPickler``; it unpickles as the object itself."""
+    pickled by ``_ShippingPickler``; it unpickles as the object itself.
+
+    It also carries the driver's multiprocessing authkey, set in the worker before the
+    call's arguments are unpickled: CPython's workers inherit it, and a
+    ``multiprocessing.Manager`` proxy passed as an argument connects to its manager with it.
+    """
 
     __slots__ = ("obj", "executor_id")
 
@@ -198,7 +204,14 @@ class _Shipped:
     def __reduce__(self):
         buf = io.BytesIO()
         _ShippingPickler(buf, self.executor_id).dump(self.obj)
-        return (pickle.loads, (buf.getvalue(),))
+        return (_unship, (buf.getvalue(), bytes(multiprocessing.current_process().authkey)))
+
+
+def _unship(blob: bytes, authkey: bytes):
+    process = multiprocessing.current_process()
+    if process.authkey != authkey:
+        process.authkey = authkey
+    return pickle.loads(blob)
 
 
 class _Raised:
@@ -418,6 +431,8 @@ class ProcessPoolExecutor(_base.Executor):
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < -1:
             raise ValueError(f"max_retries={max_retries!r} is invalid: expected a non-negative "
                              f"integer (or -1 to retry forever)")
+        if mp_context is None:   # as CPython's; skate starts its own workers and ignores it
+            mp_context = multiprocessing.get_context("spawn" if max_tasks_per_child is not None else None)
         self._mp_context = mp_context
         self._initializer = initializer
         self._initargs = initargs

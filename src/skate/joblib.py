@@ -589,15 +589,8 @@ class SkateBackend(AutoBatchingMixin, ParallelBackendBase):
     def retrieval_context(self):
         """Inside a task, waiting for nested tasks lends the task's CPU back to the node,
         so nested skate calls cannot starve their parents of CPUs (dask secedes here)."""
-        core = runtime.core() if runtime.info().get("mode") == "worker" else None
-        if core is None:
+        with runtime.lending_cpu():
             yield
-            return
-        core._set_blocked(True)
-        try:
-            yield
-        finally:
-            core._set_blocked(False)
 
 
 def register(make_default: bool = False) -> None:

@@ -21,6 +21,7 @@ May call: worker.core_worker, config, ids, gcs.client (joining by address).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import secrets
@@ -70,6 +71,23 @@ def attach_worker(core_worker) -> None:
     _core = core_worker
     set_hooks(core_worker)
     _info.update({"mode": "worker"})
+
+
+@contextlib.contextmanager
+def lending_cpu():
+    """Inside a task: while the block waits on something other than ``skate.get`` or
+    ``wait`` (a pool's results, a nested joblib call), the task's CPU is lent back to the
+    node, as a get does, so nested work cannot starve its parents of CPUs. In a driver
+    there is nothing to lend."""
+    c = _core
+    if c is None or c.is_driver:
+        yield
+        return
+    c._set_blocked(True)
+    try:
+        yield
+    finally:
+        c._set_blocked(False)
 
 
 def retire_worker_after_task() -> None:

@@ -130,20 +130,7 @@ def _handle_tasks(taskqueue, dispatcher: Dispatcher) -> None:
             task = taskseq = None
 
 
-@contextlib.contextmanager
-def _lending_cpu():
-    """Inside a skate task, waiting for a pool's results lends the task's CPU back (as
-    ``skate.get`` does), so a task may use a pool of its own even when every CPU is
-    held by a task waiting like it. In a driver: nothing to lend."""
-    core = runtime._core
-    if core is None or core.is_driver:
-        yield
-        return
-    core._set_blocked(True)
-    try:
-        yield
-    finally:
-        core._set_blocked(False)
+_lending_cpu = runtime.lending_cpu
 
 
 class _WaitLendsCpu:

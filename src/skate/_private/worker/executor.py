@@ -179,12 +179,7 @@ class TaskExecutor:
         for conn in list(self.callers):
             if not conn.closed:
                 conn.send_now((M.RETIRING,))
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except Exception:
-            pass
-        os._exit(0)
+        _exit_process()
 
     def _function(self, fn_id):
         fn = self.functions.get(fn_id)
@@ -335,17 +330,11 @@ class TaskExecutor:
 
     def _exit_actor(self) -> None:
         """An intentional exit: the node manager records why and does not restart."""
-        core = self.core
         try:
-            core.node_conn.send_now((M.ACTOR_EXITING, self.actor_id, self.exit_cause))
+            self.core.node_conn.send_now((M.ACTOR_EXITING, self.actor_id, self.exit_cause))
         except Exception:
             pass
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except Exception:
-            pass
-        os._exit(0)
+        _exit_process()
 
     def _resolve(self, args, kwargs, prefetched):
         if not any(type(a) is TopRef for a in args) and not any(type(v) is TopRef for v in kwargs.values()):
@@ -367,6 +356,16 @@ class TaskExecutor:
         args = tuple(values[a.oid] if type(a) is TopRef else a for a in args)
         kwargs = {k: (values[v.oid] if type(v) is TopRef else v) for k, v in kwargs.items()}
         return args, kwargs
+
+
+def _exit_process() -> None:
+    """Leaves at once, after the output the task wrote reaches its log."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    os._exit(0)
 
 
 def _task_error(name: str, e: BaseException) -> bytes:
