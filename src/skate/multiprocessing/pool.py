@@ -35,7 +35,6 @@ the embedded cluster when needed), ``_dispatch`` and ``_runner``.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import operator
 import queue
