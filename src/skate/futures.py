@@ -71,7 +71,6 @@ from __future__ import annotations
 import io
 import itertools
 import multiprocessing
-import os
 import pickle
 import threading
 import time
@@ -85,7 +84,7 @@ from concurrent.futures import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION,
 from concurrent.futures import _base
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from functools import partial
-from types import FunctionType
+from types import BuiltinFunctionType, FunctionType
 
 import cloudpickle
 
@@ -275,7 +274,6 @@ class _Runner:
             from concurrent.futures.process import _ExceptionWithTraceback
             return _Raised(_ExceptionWithTraceback(e, e.__traceback__))
 
-
     def __reduce__(self):
         shipped = _Shipped((self.initializer, self.initargs), self.executor_id)
         return (_make_runner, (self.executor_id, shipped, self.max_tasks_per_child))
@@ -339,6 +337,23 @@ def _call_name(fn) -> str:
 
 
 # --- the driver side ------------------------------------------------------------------
+
+class _Future(Future):
+    """``concurrent.futures.Future`` whose waits, inside a skate task, lend the task's CPU
+    back (as ``skate.get`` does): a task that waits on the calls of an executor of its own
+    cannot starve them of CPUs, even when every CPU is held by such a task."""
+
+    def result(self, timeout=None):
+        if self.done():
+            return super().result(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        if self.done():
+            return super().exception(timeout)
+        with runtime.lending_cpu():
+            return super().exception(timeout)
+
 
 class _WorkItem:
     __slots__ = ("future", "fn", "chunked", "args", "kwargs", "ref")
@@ -476,7 +491,7 @@ class ProcessPoolExecutor(_base.Executor):
         return self._workers
 
     def submit(self, fn, /, *args, **kwargs):
-        return self._submit_item(_WorkItem(Future(), fn, False, args, kwargs))
+        return self._submit_item(_WorkItem(_Future(), fn, False, args, kwargs))
     submit.__doc__ = _base.Executor.submit.__doc__
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
@@ -609,9 +624,9 @@ class ProcessPoolExecutor(_base.Executor):
     def _task_for(self, fn):
         """The skate task for a call of ``fn``, named after it (in logs and errors).
 
-        A plain function seen a second time gets a task of its own, bound to it (pickled
-        once, shipped once per worker); a function seen once (e.g. a lambda made per
-        call) travels with its call, so workers do not keep one cached task per lambda.
+        A plain (or built-in) function seen a second time gets a task of its own, bound
+        to it (pickled once, shipped once per worker); a function seen once (e.g. a lambda
+        made per call) travels with its call, so workers do not keep a task per lambda.
         Other callables (bound methods, callable objects) are pickled with each call, as
         CPython does, so each call sees their state at submit time.
         """
@@ -619,7 +634,7 @@ class ProcessPoolExecutor(_base.Executor):
         if task is not None:
             return task, False
         with self._tasks_lock:
-            if type(fn) is FunctionType:
+            if type(fn) is FunctionType or type(fn) is BuiltinFunctionType:
                 task = self._bound_tasks.get(fn)
                 if task is not None:
                     return task, False
@@ -810,7 +825,7 @@ class _MapFeed:
             if chunk is None:
                 self._finish()
                 return
-            self._push(ex._submit_item(_WorkItem(Future(), self.fn, True, chunk, None)))
+            self._push(ex._submit_item(_WorkItem(_Future(), self.fn, True, chunk, None)))
             taken += 1
         # More input than room: a feeder thread takes the rest as room frees up.
         with ex._lock:
@@ -829,7 +844,7 @@ class _MapFeed:
                 chunk = next(self.chunks, None)
                 if chunk is None:
                     return
-                fut = Future()
+                fut = _Future()
                 w = _WorkItem(fut, self.fn, True, chunk, None)
                 start = []
                 with ex._lock:
@@ -874,6 +889,9 @@ class _MapFeed:
 
     # --- the result side ------------------------------------------------------------------
     def _next_future(self, end_time):
+        with self.cond:
+            if self.futures:
+                return self.futures.popleft()
         with self.cond:
             while not self.futures:
                 if self.finished:

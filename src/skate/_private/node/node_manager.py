@@ -385,6 +385,10 @@ class NodeManager:
 
     # --- object store -------------------------------------------------------------------
     def _on_store_reserve(self, conn, rid, oid, size) -> None:
+        if self.store.contains(oid):
+            # The task that makes it runs again (a retry after its worker died having
+            # sealed the result): the new copy replaces the old one.
+            self.store.free(oid)
         try:
             recycled = self.store.reserve(oid, size)
         except Exception as exc:

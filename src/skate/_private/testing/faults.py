@@ -11,7 +11,8 @@ worker, so one variable arms the whole embedded cluster.
      "kinds": {"TASK_DONE": {"delay": 0.2, "delay_ms": [1, 30], "duplicate": 0.1},
                "PUSH_TASK": {"drop": 0.02, "roles": ["driver"]},
                "STORE_SEAL": {"kill": 0.05}},
-     "injector": "/tmp/.../injector.sock"}
+     "injector": "/tmp/.../injector.sock",
+     "log": "/tmp/.../faults.log"}
 
 Per message kind (the names of ``protocol/messages.py``, or ``"*"`` for every kind), each
 action has a probability per message sent:
@@ -39,6 +40,9 @@ the seed, its role, its start order among workers (the zygote forks them one at 
 and the message's rank among the messages of that kind the process sent. Re-running
 with the same seed replays the same decisions for the same sequence of messages; how
 tasks land on workers still depends on timing.
+
+With ``"log"`` set, every process appends one line per fault it injects (``role ordinal
+pid action KIND``), so a test can count and show what was done across processes.
 
 Kill points: with ``"injector"`` set (the path of a Unix socket a test listens on), code
 running in a worker may call :func:`kill_point` ``(label, phase)``; the process reports
@@ -81,24 +85,30 @@ ROLES = ("driver", "node", "worker")
 class FaultPlan:
     """What to do to which message: parsed and checked from ``SKATE_FAULTS``."""
 
-    def __init__(self, seed: int = 0, kinds: dict | None = None, injector: str | None = None):
+    def __init__(self, seed: int = 0, kinds: dict | None = None, injector: str | None = None,
+                 log: str | None = None):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"{ENV_VAR}: seed={seed!r} is not an integer")
         self.seed = seed
         self.injector = injector
+        self.log = log
         self.kinds = dict(kinds or {})      # as given (JSON-able)
         self.rules: dict[int, dict] = {}
-        for name, rule in (kinds or {}).items():
-            targets = list(KINDS) if name == "*" else [name]
+        for name in self.kinds:
             if name != "*" and name not in KINDS:
                 raise ValueError(f"{ENV_VAR}: unknown message kind {name!r}; known: {', '.join(sorted(KINDS))}")
-            checked = _check_rule(name, rule)
-            for target in targets:
-                if name == "*" and checked.get("duplicate") and target not in DUPLICABLE:
-                    checked_t = dict(checked, duplicate=0.0)
-                else:
-                    checked_t = checked
-                self.rules[KINDS[target]] = checked_t
+        star = self.kinds.get("*")
+        if star is not None:
+            _check_rule("*", star)
+        for name, kind in KINDS.items():
+            raw = {}
+            if star is not None:
+                raw.update(star)
+                if name not in DUPLICABLE:
+                    raw.pop("duplicate", None)   # "*" duplicates only what may be duplicated
+            raw.update(self.kinds.get(name, {}))
+            if raw:
+                self.rules[kind] = _check_rule(name, raw)
 
     @classmethod
     def from_json(cls, text: str) -> "FaultPlan":
@@ -108,16 +118,16 @@ class FaultPlan:
             raise ValueError(f"{ENV_VAR} is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{ENV_VAR} must be a JSON object, got {type(raw).__name__}")
-        unknown = set(raw) - {"seed", "kinds", "injector"}
+        unknown = set(raw) - {"seed", "kinds", "injector", "log"}
         if unknown:
-            raise ValueError(f"{ENV_VAR}: unknown key(s) {sorted(unknown)}; expected seed, kinds, injector")
+            raise ValueError(f"{ENV_VAR}: unknown key(s) {sorted(unknown)}; expected seed, kinds, injector, log")
         kinds = raw.get("kinds") or {}
         if not isinstance(kinds, dict):
             raise ValueError(f"{ENV_VAR}: kinds must be an object of kind name -> rule")
-        return cls(raw.get("seed", 0), kinds, raw.get("injector"))
+        return cls(raw.get("seed", 0), kinds, raw.get("injector"), raw.get("log"))
 
     def to_json(self) -> str:
-        return json.dumps({"seed": self.seed, "kinds": self.kinds, "injector": self.injector})
+        return json.dumps({"seed": self.seed, "kinds": self.kinds, "injector": self.injector, "log": self.log})
 
 
 def _check_rule(name: str, rule) -> dict:
@@ -194,27 +204,41 @@ def _hook(conn, msg):
             return None
         rng = st.draw(kind)
         if rule["kill"] and rng.random() < rule["kill"]:
-            st.counts["kill"] += 1
+            _record(st, "kill", kind)
             _die()
         if rule["drop"] and rng.random() < rule["drop"]:
-            st.counts["drop"] += 1
+            _record(st, "drop", kind)
             st.cut.add(key)
             st.held.pop(key, None)
             conn.loop.call_soon(_cut, conn)
             return []
         out = [msg, msg] if rule["duplicate"] and rng.random() < rule["duplicate"] else [msg]
         if len(out) == 2:
-            st.counts["duplicate"] += 1
+            _record(st, "duplicate", kind)
         if held is not None:
             held.extend(out)
             return []
         if rule["delay"] and rng.random() < rule["delay"]:
-            st.counts["delay"] += 1
+            _record(st, "delay", kind)
             lo, hi = rule["delay_ms"]
             st.held[key] = list(out)
             conn.loop.call_later(rng.uniform(lo, hi) / 1000.0, _release, conn)
             return []
         return out if len(out) == 2 else None
+
+
+def _record(st: _State, action: str, kind: int) -> None:
+    st.counts[action] += 1
+    if st.plan.log:
+        line = f"{st.role} {st.ordinal} {os.getpid()} {action} {KIND_NAMES.get(kind, kind)}\n".encode()
+        try:
+            fd = os.open(st.plan.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)   # one write of one short line: appends do not interleave
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
 
 def _release(conn) -> None:

@@ -19,6 +19,7 @@ May call: protocol, object_store, worker.* parts, config, ids. Never the public 
 
 from __future__ import annotations
 
+import copy
 import os
 import queue as queue_mod
 import sys
@@ -463,9 +464,14 @@ class CoreWorker:
             return serialization.deserialize(self.read_store(oid))
         if state == ERROR:
             err = self.decode_error(e.data)
-            if isinstance(err, exc_mod.TaskError):
-                raise err.as_instanceof_cause()
-            raise err
+            err = err.as_instanceof_cause() if isinstance(err, exc_mod.TaskError) else copy.copy(err)
+            # A fresh exception per get (the stored one would gather tracebacks), and no
+            # local left pointing at it: exception -> traceback -> this frame -> exception
+            # is a cycle that would pin the caller's frames (and their refs) until a GC.
+            try:
+                raise err
+            finally:
+                err = None
         raise exc_mod.ObjectLostError(f"object {oid.hex()} is not ready")
 
     def read_store(self, oid: bytes) -> memoryview:

@@ -184,7 +184,10 @@ class TaskExecutor:
     def _function(self, fn_id):
         fn = self.functions.get(fn_id)
         if fn is None:
-            fn = self.functions[fn_id] = serialization.deserialize(self.function_blobs.pop(fn_id))
+            # The blob goes only once it unpickled: an import error (or a cancel's SIGINT)
+            # there must not make every later task of the function fail with a KeyError.
+            fn = self.functions[fn_id] = serialization.deserialize(self.function_blobs[fn_id])
+            del self.function_blobs[fn_id]
         return fn
 
     def _callable(self, fn_id, name):
@@ -248,7 +251,12 @@ class TaskExecutor:
             oid = task_id + i.to_bytes(4, "big")
             try:
                 sobj = serialization.serialize(v)
-                core.ref_counter.add_contents(oid, sobj.contained_refs)
+                # Refs this worker owns must outlive the task until the caller borrows
+                # them: held (for the worker's life, a known over-retention). Borrowed
+                # refs are the owner's to keep; holding them here would pin them for ever.
+                mine = [r for r in sobj.contained_refs if r.owner[0] == core.worker_id]
+                if mine:
+                    core.ref_counter.add_contents(oid, mine)
                 results.append(core.store_value(oid, sobj))
                 core.memory_store.delete(oid)  # the caller owns it, not us
             except BaseException as e:  # noqa: BLE001

@@ -284,6 +284,9 @@ class TaskSubmitter:
         self.tasks.pop(spec.task_id, None)
         for oid in spec.return_ids:
             self.core.memory_store.set(oid, ERROR, error)
+        # A worker that died after sealing a return left it in the store: nobody will
+        # read it now (the node manager ignores ids it does not hold).
+        self.core.free_in_store(spec.return_ids)
         if spec.arg_refs:
             self.core.ref_counter.remove_submitted(spec.arg_refs)
 
@@ -309,6 +312,9 @@ class TaskSubmitter:
             return
         cls, leased = ref
         cls.workers.pop(leased.worker_id, None)
+        # The worker may be alive behind a cut link: give the lease back and have it
+        # stopped, or the node keeps it leased and its CPU taken for ever.
+        self.core.return_lease(leased.worker_id, kill=True)
         for spec in list(leased.inflight.values()):
             if spec.done:
                 continue
