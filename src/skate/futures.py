@@ -53,6 +53,8 @@ Steps in words:
    are spent the future raises ``WorkerCrashedError`` (also a ``BrokenProcessPool``) and
    the executor keeps working; with ``max_retries=0`` the executor breaks as CPython's
    does: ``BrokenProcessPool`` for every unfinished future, and for later submits.
+6. Inside a skate task (an executor used by a call), waiting on a future (``result``,
+   ``exception``, ``map``'s iteration) lends the task's CPU back, as ``skate.get`` does.
 
 ``map`` chops its input into chunks as CPython does, but reads it lazily: chunks are
 taken while *pending* holds fewer than a window of them (first in the calling thread,
@@ -346,7 +348,8 @@ class _Future(Future):
     def result(self, timeout=None):
         if self.done():
             return super().result(timeout)
-        return super().result(timeout)
+        with runtime.lending_cpu():
+            return super().result(timeout)
 
     def exception(self, timeout=None):
         if self.done():
@@ -892,7 +895,7 @@ class _MapFeed:
         with self.cond:
             if self.futures:
                 return self.futures.popleft()
-        with self.cond:
+        with runtime.lending_cpu(), self.cond:
             while not self.futures:
                 if self.finished:
                     if self.error is not None:
