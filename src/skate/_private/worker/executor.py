@@ -139,9 +139,19 @@ class TaskExecutor:
         last_flush = time.monotonic()
         unflushed: set = set()
         while True:
+            if unflushed and not queue:
+                # Replies held back because more tasks were queued: the queue emptied
+                # under us (a STEAL, a cancel), so they go now, before we sleep.
+                for c in unflushed:
+                    c.flush()
+                unflushed.clear()
             with cond:
                 while not queue:
+                    if unflushed:
+                        break
                     cond.wait()
+                if not queue:
+                    continue
                 conn, wire = queue.popleft()
                 more = bool(queue)
             if conn is None:
