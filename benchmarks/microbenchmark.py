@@ -92,17 +92,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+
+from _common import (Budget, fmt, fmt_ratio, median, package_version, render_table,
+                     timed_calls)
+from _common import run_child as _run_child
 
 MiB = 1024 * 1024
 
@@ -162,15 +162,6 @@ SMALL_ARRAY_BYTES = 1 * MiB
 IDLE_SLEEP_S = 2.0
 
 
-@dataclass(frozen=True)
-class Budget:
-    """How long each workload warms up and is measured, in one child."""
-    warmup_s: float
-    measure_s: float
-    min_calls: int
-    child_timeout_s: float
-
-
 FULL = Budget(warmup_s=0.5, measure_s=1.5, min_calls=3, child_timeout_s=300.0)
 QUICK = Budget(warmup_s=0.0, measure_s=0.25, min_calls=1, child_timeout_s=120.0)
 
@@ -185,24 +176,6 @@ OKS = [b"ok"] * max(ASYNC_TASKS, BATCH_TASKS)  # what a batch of no-op tasks mus
 # --------------------------------------------------------------------------------------
 # Child side: one system, one repeat, in a fresh process.
 # --------------------------------------------------------------------------------------
-
-def timed_calls(fn, budget: Budget) -> tuple[int, float]:
-    """Warms ``fn`` up, then calls it until the budget is spent; returns (calls, seconds)."""
-    start = time.perf_counter()
-    while True:  # at least one warm-up call, however small the budget
-        fn()
-        if time.perf_counter() - start >= budget.warmup_s:
-            break
-    gc.collect()
-    calls = 0
-    start = time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget.measure_s and calls >= budget.min_calls:
-            return calls, elapsed
-
 
 def idle_footprint() -> dict[str, float]:
     import psutil
@@ -547,96 +520,11 @@ def child_main(system: str, workloads: list[str], budget: Budget, out_path: str)
 # Parent side: repeats, children, medians, table.
 # --------------------------------------------------------------------------------------
 
-def session_processes(sid: int):
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                found.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return found
-
-
 def run_child(system: str, workloads: list[str], budget: Budget) -> dict:
     """Runs one child; returns its results, error (if any), seconds and leftovers."""
-    import psutil
-
-    fd, out_path = tempfile.mkstemp(prefix=f"skate-bench-{system}-", suffix=".jsonl")
-    os.close(fd)
-    log = tempfile.TemporaryFile(mode="w+")
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", system,
-           "--child-out", out_path, "--child-budget", json.dumps(asdict(budget)),
-           "--child-workloads", json.dumps(workloads)]
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    error = None
-    try:
-        proc.wait(timeout=budget.child_timeout_s)
-        if proc.returncode != 0:
-            error = f"child exited with status {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        error = f"child timed out after {budget.child_timeout_s:.0f} s"
-        for p in [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait()
-    seconds = time.perf_counter() - started
-
-    # What the child's runtime left running in the child's session: give it a moment
-    # to finish its own clean-up, then count and end what remains.
-    deadline = time.monotonic() + 5.0
-    leftovers = session_processes(proc.pid)
-    while leftovers and time.monotonic() < deadline:
-        time.sleep(0.2)
-        leftovers = session_processes(proc.pid)
-    leftover_names = []
-    for p in leftovers:
-        try:
-            leftover_names.append(p.name())
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-    results = []
-    with open(out_path) as f:
-        for line in f:
-            if line.strip():
-                results.append(json.loads(line))
-    os.unlink(out_path)
-    if error:
-        log.seek(0)
-        tail = log.read()[-3000:]
-        error = f"{error}; output ends with:\n{tail}"
-    log.close()
-    return {"results": results, "error": error, "seconds": seconds,
-            "leftover processes": leftover_names}
-
-
-def median(values):
-    return statistics.median(values) if values else None
-
-
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}"
-
-
-def fmt_ratio(a, b) -> str:
-    if a is None or b is None or b == 0 or isinstance(a, str) or isinstance(b, str):
-        return "-"
-    return f"{a / b:.2f}x"
+    return _run_child(__file__, ["--child", system, "--child-budget", json.dumps(asdict(budget)),
+                                 "--child-workloads", json.dumps(workloads)],
+                      budget.child_timeout_s, system)
 
 
 def table(systems, medians, failed, markdown=False) -> str:
@@ -656,17 +544,7 @@ def table(systems, medians, failed, markdown=False) -> str:
         if "skate" in systems:
             row += [fmt_ratio(cells["skate"], cells[p]) for p in peers]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows + [headers]) for i in range(len(headers))]
-
-    def line(r):
-        cells = [c.ljust(widths[i]) if i < 3 else c.rjust(widths[i]) for i, c in enumerate(r)]
-        return "| " + " | ".join(cells) + " |" if markdown else "  ".join(cells)
-    if markdown:
-        rule = "|" + "|".join("-" * (w + 1) + ("-" if i < 3 else ":")
-                              for i, w in enumerate(widths)) + "|"
-    else:
-        rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule] + [line(r) for r in rows])
+    return render_table(headers, rows, markdown=markdown, left=3)
 
 
 def target_checks(medians) -> list[tuple[str, str, str]]:
@@ -714,15 +592,6 @@ def target_checks(medians) -> list[tuple[str, str, str]]:
         checks.append(("create 100 actors + a call each: >= 3x faster than Ray",
                        f"{s:.2f} s vs {r:.2f} s ({r / s:.1f}x faster)", verdict(r >= 3 * s)))
     return checks
-
-
-def package_version(name):
-    if name is None:
-        return None
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def select_workloads(only: str | None) -> list[str]:
