@@ -56,6 +56,16 @@ BUGS = (
         leak="store-sealed",
     ),
     KnownBug(
+        id="actor-exit-overtakes-last-reply",
+        summary="An actor stopped gracefully (its last handle dropped) sends its last TASK_DONE "
+                "on the caller's connection and ACTOR_EXITING to the node; the node's DEAD "
+                "verdict reaches the caller on another connection and can arrive first: "
+                "ActorSubmitter.on_state(DEAD) fails the calls still in flight with "
+                "ActorDiedError although they ran, and drops their replies when they arrive.",
+        error_name="ActorDiedError",
+        message="the actor was stopped gracefully",
+    ),
+    KnownBug(
         id="cancel-lands-after-return",
         summary="The executor turns a cancel into a SIGINT whenever the task is current, "
                 "including after its function returned, while the result is being stored: "

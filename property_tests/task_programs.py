@@ -223,14 +223,14 @@ class NodeActor:
 # --- drawing programs -------------------------------------------------------------------------
 
 @st.composite
-def programs(draw, max_nodes: int = 7, kills: bool = False, actors: bool = False, steps: bool = True,
-             cancels: bool = True, big: bool = True, sleeps: bool = True):
+def programs(draw, max_nodes: int = 7, kills: bool = False, actors: bool = False):
+    """Programs of up to ``max_nodes`` nodes; ``kills``: with a kill schedule; ``actors``:
+    with up to two actors (their calls, ``kill_actor`` steps)."""
     n_actors = draw(st.integers(0, 2)) if actors else 0
     actor_specs = tuple(ActorSpec(draw(st.sampled_from((0, 0, 1))), draw(st.sampled_from((0, 1))))
                         for _ in range(n_actors))
     n = draw(st.integers(1, max_nodes))
     kinds = ["put", "task", "task"] + (["actor"] * 2 if n_actors else [])
-    pads = PADS if big else PADS[:2]
     nodes, program_steps = [], []
     alive: list[int] = []
     killed_actors: set = set()
@@ -249,9 +249,9 @@ def programs(draw, max_nodes: int = 7, kills: bool = False, actors: bool = False
             kind=kind,
             const=draw(st.integers(-5, 5)),
             inputs=tuple(inputs),
-            pad=draw(st.sampled_from(pads)),
+            pad=draw(st.sampled_from(PADS)),
             fail=kind != "put" and draw(st.integers(0, 9)) == 0,
-            sleep_ms=draw(st.sampled_from((0, 0, 0, 20, 200))) if kind != "put" and sleeps else 0,
+            sleep_ms=draw(st.sampled_from((0, 0, 0, 20, 200))) if kind != "put" else 0,
             num_returns=draw(st.sampled_from((1, 1, 2))) if kind != "put" else 1,
             max_retries=draw(st.sampled_from((0, 1, 3))) if kind == "task" else 3,
             nested=kind == "task" and draw(st.integers(0, 4)) == 0,
@@ -259,10 +259,8 @@ def programs(draw, max_nodes: int = 7, kills: bool = False, actors: bool = False
         )
         nodes.append(node)
         alive.append(i)
-        if not steps:
-            continue
         for _ in range(draw(st.integers(0, 2))):
-            op = draw(st.sampled_from(("get", "wait", "wait", "cancel" if cancels else "wait", "drop")
+            op = draw(st.sampled_from(("get", "wait", "wait", "cancel", "drop")
                                       + (("kill_actor",) if n_actors else ())))
             if op == "kill_actor":
                 a = draw(st.integers(0, n_actors - 1))

@@ -237,6 +237,10 @@ class SkateAPI(RuleBasedStateMachine):
         except Exception as exc:  # noqa: BLE001 - judged against the model
             outcome = ("error", type(exc))
             self.errors_seen |= {c.__name__ for c in type(exc).__mro__}
+            value, errors = allowed(r)
+            if not any(issubclass(type(exc), e) for e in errors) and known_bugs.match(type(exc), str(exc)):
+                r.ref = None      # a known, reported bug (test_found_bugs.py): not judged again
+                return
         took = time.monotonic() - start
         assert took <= GET_TIMEOUT + SLACK, f"get of {r} took {took:.2f} s"
         value, errors = allowed(r)
@@ -272,4 +276,4 @@ class SkateAPI(RuleBasedStateMachine):
 
 
 TestSkateAPI = SkateAPI.TestCase
-TestSkateAPI.settings = settings(max_examples=examples(25), stateful_step_count=25, deadline=None)
+TestSkateAPI.settings = settings(max_examples=examples(60), stateful_step_count=30, deadline=None)

@@ -218,7 +218,7 @@ def test_a_call_whose_link_to_a_live_actor_is_cut_fails_or_completes(clusters):
     try:
         actor = Echo.remote()
         try:
-            assert skate.get(actor.echo.remote(1), timeout=GET_TIMEOUT) == 1
+            assert skate.get(actor.echo.remote(1), timeout=3) == 1
         except ActorDiedError:
             pass
     finally:
@@ -280,7 +280,7 @@ def test_a_large_result_dropped_as_soon_as_it_is_ready_leaves_nothing_in_the_sto
     skate.wait([ref], timeout=GET_TIMEOUT)
     del ref
     time.sleep(0.5)      # the seal arrives after the free
-    problems = check_drained(before)
+    problems = check_drained(before, timeout=2)
     clusters.stop()
     assert problems == []
 
@@ -335,6 +335,35 @@ def test_a_cancel_that_lands_while_the_result_is_stored_leaves_nothing_pending(c
     except skate.exceptions.TaskCancelledError:
         pass
     del ref
-    problems = check_drained(before)
+    problems = check_drained(before, timeout=2)
     clusters.stop()
     assert problems == []
+
+
+# --- actor-exit-overtakes-last-reply ----------------------------------------------------------------
+
+@_bug("actor-exit-overtakes-last-reply",
+      "An actor whose last handle is dropped runs the calls already made, then exits: its last "
+      "TASK_DONE goes on the caller's connection, ACTOR_EXITING on its node connection, and the node's "
+      "DEAD verdict reaches the caller on the caller's node connection, racing the reply. When the "
+      "verdict is read first, ActorSubmitter.on_state(DEAD) fails the calls still in flight with "
+      "ActorDiedError('stopped gracefully') although they ran (their replies are dropped on arrival). "
+      "About 2% of such calls; with the verdict delayed 200 ms none. Found by the API state machine "
+      "in a soak.")
+def test_calls_made_before_the_last_handle_is_dropped_give_their_values(clusters):
+    clusters.ensure(num_cpus=2)
+
+    @skate.remote
+    class Echo:
+        def echo(self, x, sleep_ms=0):
+            time.sleep(sleep_ms / 1000.0)
+            return x
+
+    for i in range(500):      # the race is lost about once in 50 tries
+        actor = Echo.remote()
+        skate.kill(Echo.remote())   # more traffic on the node connection: the race is lost more often
+        first = actor.echo.remote(0, 30)
+        del first
+        last = actor.echo.remote(i)
+        del actor
+        assert skate.get(last, timeout=GET_TIMEOUT) == i

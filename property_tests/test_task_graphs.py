@@ -36,7 +36,7 @@ def check(clusters, program, injector=None) -> None:
     assert verdict.ok, f"{verdict.describe()}\n{reproducer}"
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(80))
 @given(program=programs(max_nodes=8, actors=False))
 @example(program=Program(nodes=(
     Node(kind="put", const=1, pad=200_000),
@@ -50,7 +50,7 @@ def test_a_task_graph_gives_what_its_serial_evaluation_gives(clusters, program):
     check(clusters, program)
 
 
-@settings(max_examples=examples(20))
+@settings(max_examples=examples(30))
 @given(program=programs(max_nodes=6, actors=True))
 def test_a_program_with_actors_gives_what_its_serial_evaluation_gives(clusters, program):
     clusters.ensure(num_cpus=2)

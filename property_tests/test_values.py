@@ -49,21 +49,21 @@ def round_trips(value) -> None:
     assert same(skate.get(identity.remote(skate.put(value)), timeout=GET_TIMEOUT), value)
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(150))
 @given(value=values())
 def test_a_value_comes_back_equal_from_put_and_from_an_identity_task(clusters, value):
     clusters.ensure(num_cpus=2)
     round_trips(value)
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(150))
 @given(array=arrays())
 def test_numpy_arrays_of_any_dtype_shape_and_layout_come_back_equal(clusters, array):
     clusters.ensure(num_cpus=2)
     round_trips(array)
 
 
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(50))
 @given(table=tables())
 def test_arrow_tables_come_back_equal(clusters, table):
     clusters.ensure(num_cpus=2)
