@@ -48,7 +48,7 @@ def check(clusters, program) -> None:
     assert verdict.ok, f"{verdict.describe()}\n{reproducer}"
 
 
-@settings(max_examples=examples(100))
+@settings(max_examples=examples(80))
 @given(program=programs(max_nodes=6, kills=True, actors=True))
 @example(program=Program(   # three kills in three phases of one task: its three retries absorb them
     nodes=(Node(kind="put", const=1), Node(kind="task", const=2, inputs=(Input(0),), max_retries=3)),

@@ -36,7 +36,7 @@ def check(clusters, program, injector=None) -> None:
     assert verdict.ok, f"{verdict.describe()}\n{reproducer}"
 
 
-@settings(max_examples=examples(80))
+@settings(max_examples=examples(60))
 @given(program=programs(max_nodes=8, actors=False))
 @example(program=Program(nodes=(
     Node(kind="put", const=1, pad=200_000),

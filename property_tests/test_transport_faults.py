@@ -198,7 +198,7 @@ def test_a_dropped_message_cuts_the_connection_and_nothing_after_it_arrives():
 
 # --- the property --------------------------------------------------------------------------------
 
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(25))
 @given(program=programs(max_nodes=6, actors=True), data=st.data())
 def test_a_program_under_disturbed_messages_gives_its_values_or_documented_errors(clusters, program, data):
     log = os.path.join(clusters.temp_dir, f"faults-{os.getpid()}.log")
