@@ -8,8 +8,9 @@ Fixed bugs keep their test, unmarked, so they stay found. Programs and kill sche
 the ones the search found, shrunk; transport plans keep the seed that found them.
 
 Found and fixed (commit 095cc83): orphaned-sealed-result, function-blob-lost,
-error-get-pins-borrowed-refs, returned-ref-never-released, cut-link-leaks-lease.
-Open: cut-link-hangs-actor-calls.
+error-get-pins-borrowed-refs, returned-ref-never-released, cut-link-leaks-lease; then
+cut-link-hangs-actor-calls, unflushed-reply-deadlock, reply-overtakes-seal,
+cancel-lands-after-return, actor-exit-overtakes-last-reply. Open: none.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def test_a_cut_link_to_a_leased_worker_gives_its_cpu_back(clusters):
         clusters.stop()
 
 
-@_bug("cut-link-hangs-actor-calls",
+@_fixed("cut-link-hangs-actor-calls",
       "ActorSubmitter.on_disconnected parks the calls in flight on an actor whose connection closed "
       "and waits for the node's verdict (DEAD or RESTARTING); when the actor's process is alive (a cut "
       "link) no verdict ever comes and the calls, and every later one, wait for ever.")
@@ -228,7 +229,7 @@ def test_a_call_whose_link_to_a_live_actor_is_cut_fails_or_completes(clusters):
 
 # --- unflushed-reply-deadlock -------------------------------------------------------------------
 
-@_bug("unflushed-reply-deadlock",
+@_fixed("unflushed-reply-deadlock",
       "TaskExecutor.run_forever queues each TASK_DONE with send_deferred and flushes only when its "
       "queue runs dry or 1 ms passed since the last flush. When the next call pushed to the same "
       "actor (or task pipelined to the same worker) gets the previous one's result, it blocks in "
@@ -268,7 +269,7 @@ OVERTAKES = ("CoreWorker.write_to_store queues STORE_SEAL on the node connection
 SLOW_SEAL = {"STORE_SEAL": {"delay": 1.0, "delay_ms": [300, 300], "roles": ["worker"]}}
 
 
-@_bug("reply-overtakes-seal", OVERTAKES)
+@_fixed("reply-overtakes-seal", OVERTAKES)
 def test_a_large_result_dropped_as_soon_as_it_is_ready_leaves_nothing_in_the_store(clusters):
     clusters.ensure(faults.FaultPlan(seed=1, kinds=SLOW_SEAL), num_cpus=2)
     before = baseline()
@@ -285,7 +286,7 @@ def test_a_large_result_dropped_as_soon_as_it_is_ready_leaves_nothing_in_the_sto
     assert problems == []
 
 
-@_bug("reply-overtakes-seal", OVERTAKES)
+@_fixed("reply-overtakes-seal", OVERTAKES)
 def test_a_result_an_actor_reported_survives_the_actor(clusters):
     clusters.ensure(faults.FaultPlan(seed=1, kinds=SLOW_SEAL), num_cpus=2)
 
@@ -307,7 +308,7 @@ def test_a_result_an_actor_reported_survives_the_actor(clusters):
 
 # --- cancel-lands-after-return ------------------------------------------------------------------------
 
-@_bug("cancel-lands-after-return",
+@_fixed("cancel-lands-after-return",
       "TaskExecutor.cancel sends SIGINT whenever the task is current, and _on_sigint raises "
       "TaskCancelledError wherever the main thread is, including after the function returned: in "
       "_pack while CoreWorker.write_to_store waits for STORE_RESERVE's reply (outside the try that "
@@ -342,7 +343,7 @@ def test_a_cancel_that_lands_while_the_result_is_stored_leaves_nothing_pending(c
 
 # --- actor-exit-overtakes-last-reply ----------------------------------------------------------------
 
-@_bug("actor-exit-overtakes-last-reply",
+@_fixed("actor-exit-overtakes-last-reply",
       "An actor whose last handle is dropped runs the calls already made, then exits: its last "
       "TASK_DONE goes on the caller's connection, ACTOR_EXITING on its node connection, and the node's "
       "DEAD verdict reaches the caller on the caller's node connection, racing the reply. When the "

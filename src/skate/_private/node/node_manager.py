@@ -399,11 +399,12 @@ class NodeManager:
             client.reservations.add(oid)
         conn.send((M.REPLY, rid, True, recycled))
 
-    def _on_store_seal(self, conn, oid, size) -> None:
+    def _on_store_seal(self, conn, rid, oid, size) -> None:
         client = self.clients.get(conn)
         if client is not None:
             client.reservations.discard(oid)
         self.store.seal(oid, size)
+        conn.send((M.REPLY, rid, True, None))
 
     def _on_store_ensure(self, conn, rid, oid) -> None:
         try:

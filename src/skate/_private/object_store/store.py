@@ -90,6 +90,10 @@ class ObjectStore:
         self._spares: list = []
         self._spare_bytes = 0
         self.spare_limit = capacity // 4
+        # Pending objects freed before their seal came (e.g. their owner died while a
+        # worker was writing its result): the seal, when it comes, is dropped instead
+        # of creating an entry nobody would free.
+        self._freed_pending: set = set()
 
     # -- creation -------------------------------------------------------------------
 
@@ -100,6 +104,7 @@ class ObjectStore:
         the object cannot fit even after spilling, ``ValueError`` if ``object_id`` is
         already known with another size. Re-reserving a known id with its size is a no-op.
         """
+        self._freed_pending.discard(object_id)
         entry = self._entries.get(object_id)
         if entry is not None:
             if entry.size != size:
@@ -171,6 +176,7 @@ class ObjectStore:
 
         Ignored for unknown ids and for objects already sealed (those go through ``free``).
         """
+        self._freed_pending.discard(object_id)
         entry = self._entries.get(object_id)
         if entry is None or entry.state != _PENDING:
             return
@@ -184,6 +190,10 @@ class ObjectStore:
         Works without a prior reservation too. Never raises for lack of space: the bytes
         already exist, so the store spills what it can and may run over capacity.
         """
+        if object_id in self._freed_pending:
+            self._freed_pending.discard(object_id)
+            shm.unlink(self.session, object_id)
+            return
         entry = self._entries.get(object_id)
         if entry is None:
             self._make_room_best_effort(size)
@@ -262,6 +272,8 @@ class ObjectStore:
         entry = self._entries.pop(object_id, None)
         if entry is None:
             return
+        if entry.state == _PENDING:
+            self._freed_pending.add(object_id)
         if entry.state == _SPILLED:
             self._spilled_bytes -= entry.size
             self._remove_spill_file(object_id)

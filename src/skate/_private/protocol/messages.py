@@ -10,7 +10,7 @@ Client (driver or worker core worker) <-> node manager
     LEASE_WANTED()                   node -> client: return idle leases, others wait
     BLOCKED() / UNBLOCKED()          a worker blocked in get/wait lends its CPU back
     STORE_RESERVE(rid, oid, size)    -> REPLY(rid, ok, None | error)
-    STORE_SEAL(oid, size)
+    STORE_SEAL(rid, oid, size)       -> REPLY(rid, ok, None): the segment is complete
     STORE_ENSURE(rid, oid)           -> REPLY(rid, ok, bool): restore a spilled object
     STORE_FREE(oids)
     STORE_ABORT(oid)

@@ -368,7 +368,7 @@ def _kill_points_of(kind: int, msg) -> None:
         if label is not None:
             kill_point(label, "reply")
     elif kind == M.STORE_SEAL:
-        label = _labels.get(msg[1][:16])
+        label = _labels.get(msg[2][:16])
         if label is not None:
             kill_point(label, "seal")
 

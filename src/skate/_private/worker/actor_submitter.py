@@ -7,7 +7,12 @@
     ACTOR_STATE from the node manager: ALIVE (connect, send), RESTARTING (hold calls),
         DEAD (every queued and in-flight call fails with ActorDiedError and the cause)
     connection to the actor lost --> in-flight calls with retries left go back to the
-        front of the queue (in order) and wait for the restart; the others fail
+        front of the queue (in order) and wait for the restart; the others fail.
+        The node is asked for the actor's state again: a live actor behind a cut link
+        is reconnected to (its lost calls are retried or fail the same way)
+    DEAD while the actor's connection is open --> calls in flight wait for it to close:
+        an actor flushes its last replies before it exits, and the verdict travels on
+        another connection, so it can overtake them
 
 Per-caller order: calls leave in submission order on one connection, and the actor runs
 them in arrival order, so a caller's calls run in the order it made them. A call whose
@@ -27,11 +32,13 @@ from skate._private.protocol import messages as M
 from skate._private.worker.memory_store import ERROR, INLINE
 
 ALIVE, DEAD = "ALIVE", "DEAD"
+_DEAD_GRACE_S = 2.0   # how long calls in flight on a DEAD actor wait for its connection to close
+_ASK_AFTER_S = 0.2    # how long a lost connection waits for the node's verdict before asking
 
 
 class _Actor:
     __slots__ = ("actor_id", "state", "conn", "worker_id", "queue", "inflight", "cause",
-                 "class_name", "watching", "lost")
+                 "class_name", "watching", "lost", "lost_worker")
 
     def __init__(self, actor_id):
         self.actor_id = actor_id
@@ -41,6 +48,7 @@ class _Actor:
         self.queue: deque = deque()
         self.inflight: OrderedDict = OrderedDict()
         self.lost: list = []          # in flight when the connection dropped: await the verdict
+        self.lost_worker = None       # the worker whose connection dropped
         self.cause = None
         self.class_name = "actor"
         self.watching = False
@@ -131,21 +139,25 @@ class ActorSubmitter:
             a.state = DEAD
             a.cause = record.get("cause")
             err = self._died(a)
-            for spec in a.lost + list(a.inflight.values()) + list(a.queue):
+            for spec in a.lost + list(a.queue):
                 self.core.submitter.fail(spec, err)
-            a.inflight.clear()
             a.queue.clear()
             a.lost = []
-            if a.conn is not None:
-                a.conn.peer = None
-                a.conn.close()
-                a.conn = None
+            if a.conn is not None and a.inflight:
+                # Replies still on their way on the actor's own connection land first;
+                # what is in flight when it closes fails then (or after a grace period,
+                # should the close itself be lost).
+                self.loop.call_later(_DEAD_GRACE_S, self._drop_dead_conn, a, a.conn)
+                return
+            self._drop_dead_conn(a, a.conn)
             return
         if a.state == "KILLING" and state != DEAD:
             return   # an update from before the kill: wait for the verdict
         if state == ALIVE and record.get("worker_id") and record["worker_id"] != a.worker_id:
             try:
-                conn = self.core.connect_peer_for_lease(record["socket_path"])
+                # Registered, so listening: a refusal means it died (no retry loop
+                # here, on the I/O thread).
+                conn = self.core.connect_peer_for_lease(record["socket_path"], timeout=0)
             except ConnectionError:
                 return  # it died already; the next state update tells what follows
             if a.conn is not None:   # the old connection's close is still on its way
@@ -153,7 +165,7 @@ class ActorSubmitter:
                 a.conn.close()
                 a.lost.extend(a.inflight.values())
                 a.inflight.clear()
-            self._retry_lost(a)
+            self._retry_lost(a, record["worker_id"])
             conn.peer = ("actor", a)
             a.conn = conn
             a.worker_id = record["worker_id"]
@@ -164,32 +176,62 @@ class ActorSubmitter:
             if state == "RESTARTING":
                 self._retry_lost(a)
 
+    def _drop_dead_conn(self, a: _Actor, conn) -> None:
+        if conn is not None:
+            conn.peer = None
+            conn.close()
+        if a.conn is conn:
+            a.conn = None
+        if a.state == DEAD and a.inflight:
+            err = self._died(a)
+            for spec in a.inflight.values():
+                self.core.submitter.fail(spec, err)
+            a.inflight.clear()
+
     def on_disconnected(self, a: _Actor) -> None:
         """The actor's worker connection closed: hold its calls for the node's verdict
-        (DEAD with a cause, or RESTARTING)."""
+        (DEAD with a cause, or RESTARTING), and ask for it: if the actor is alive (the
+        link was cut, not the process) the answer is ALIVE, and the caller reconnects."""
+        if a.state == DEAD:
+            self._drop_dead_conn(a, a.conn)
+            return
         a.conn = None
+        a.lost_worker = a.worker_id
         a.worker_id = None
-        if a.state == ALIVE:
-            a.state = "RECONNECTING"
         a.lost.extend(a.inflight.values())
         a.inflight.clear()
+        if a.state == ALIVE:
+            a.state = "RECONNECTING"
+            # A dead actor's verdict is on its way; ask only if none came meanwhile.
+            self.loop.call_later(_ASK_AFTER_S, self._ask_state, a)
 
-    def _retry_lost(self, a: _Actor) -> None:
-        """The actor restarts: lost calls with retries left go first, in order; the
-        others fail."""
+    def _ask_state(self, a: _Actor) -> None:
+        if a.state == "RECONNECTING":
+            self.core.node_conn.send((M.WATCH_ACTOR, a.actor_id))
+
+    def _retry_lost(self, a: _Actor, new_worker=None) -> None:
+        """The actor restarts (or is reached again): lost calls with retries left go
+        first, in order; the others fail."""
         retry = []
+        same = new_worker is not None and new_worker == a.lost_worker
         for spec in a.lost:
             if spec.done:
                 continue
             if spec.retries_left > 0:
                 spec.retries_left -= 1
                 retry.append(spec)
+            elif same:
+                self.core.submitter.fail(spec, exc_mod.ActorDiedError(
+                    f"the connection to the actor {a.class_name} was lost while it ran "
+                    f"{spec.name}(); the actor is alive but the call's outcome is unknown and it "
+                    f"was not retried: set max_task_retries to retry such calls"))
             else:
                 self.core.submitter.fail(spec, exc_mod.ActorDiedError(
                     f"the actor {a.class_name} died while running {spec.name}() (its process exited "
                     f"or was killed) and is restarting; the call was not retried: set "
                     f"max_task_retries to retry calls on a restarted actor"))
         a.lost = []
+        a.lost_worker = None
         a.queue.extendleft(reversed(retry))
 
     def _died(self, a: _Actor) -> exc_mod.ActorDiedError:

@@ -79,6 +79,7 @@ class CoreWorker:
         self._ready_callbacks = queue_mod.SimpleQueue()
         self._callback_thread = None
         self.executor = None            # set by workers
+        self.before_block = None        # workers: flushes replies held back (executor)
         self.node_replies = Replies()
         self.peer_replies = Replies()
         self._peers: dict[bytes, Connection] = {}
@@ -148,13 +149,15 @@ class CoreWorker:
         conn = Connection(self.loop, sock, self._on_peer_msg, self._on_peer_closed)
         self.loop.add_connection(conn)
 
-    def _connect(self, socket_path: str) -> Connection:
-        conn = self.loop.connect_unix(socket_path, self._on_peer_msg, self._on_peer_closed, timeout=5.0)
+    def _connect(self, socket_path: str, timeout: float = 5.0) -> Connection:
+        conn = self.loop.connect_unix(socket_path, self._on_peer_msg, self._on_peer_closed, timeout=timeout)
         conn.send((M.HELLO, self.worker_id, self.job_id, self.import_paths))
         return conn
 
-    def connect_peer_for_lease(self, socket_path: str) -> Connection:
-        return self._connect(socket_path)
+    def connect_peer_for_lease(self, socket_path: str, timeout: float = 5.0) -> Connection:
+        """A worker the node reported: it listens already, so a refusal (timeout 0:
+        one attempt) means it died."""
+        return self._connect(socket_path, timeout)
 
     def owner_conn(self, owner) -> Connection:
         worker_id, socket_path = owner
@@ -356,8 +359,10 @@ class CoreWorker:
         if self.ref_counter.has_pending_releases():
             # Objects dropped just before may free the segment this one can reuse.
             self._apply_releases_now()
-        recycled = self.node_request(M.STORE_RESERVE, oid, size)
         try:
+            # A cancel can land while the reply is awaited: the abort follows the
+            # reservation on the same connection, so it never leaves one pending.
+            recycled = self.node_request(M.STORE_RESERVE, oid, size)
             if recycled:
                 shm.write_existing(self.session, oid, sobj)
             else:
@@ -365,7 +370,10 @@ class CoreWorker:
         except BaseException:
             self.node_conn.send((M.STORE_ABORT, oid))
             raise
-        self.node_conn.send((M.STORE_SEAL, oid, size))
+        # Acknowledged before anyone hears of the object (TASK_DONE, a ref): the node
+        # has it sealed, so a process dying after that cannot lose it, and the owner's
+        # free, which may come on another connection, cannot overtake the seal.
+        self.node_request(M.STORE_SEAL, oid, size)
         return size
 
     def _apply_releases_now(self) -> None:
@@ -422,6 +430,8 @@ class CoreWorker:
         self._ensure_fetch(refs)
         if timeout is not None and timeout <= 0:
             return sum(1 for oid in oids if store.is_ready(oid))
+        if self.before_block is not None:
+            self.before_block()
         self._set_blocked(True)
         try:
             return store.wait(oids, num, timeout)

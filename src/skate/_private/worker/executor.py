@@ -67,10 +67,17 @@ class TaskExecutor:
         self.exit_cause = None
         self.callers: set = set()      # connections that pushed tasks here
         self.retire = False            # leave after the current task (worker recycling)
+        self._unflushed: set = set()   # connections holding deferred replies (main thread)
+        self._interruptible = False    # a cancel may raise now (the task's own code runs)
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame):
-        if self._cancel_requested is not None and self._cancel_requested == self.current:
+        # Only while the task's own code runs (arguments, the function): once it has
+        # returned, its result is being stored, and an exception there would leave a
+        # reservation pending or escape the error handlers. A late cancel is a no-op,
+        # as for a task that already finished.
+        if (self._interruptible and self._cancel_requested is not None
+                and self._cancel_requested == self.current):
             self._cancel_requested = None
             raise exc_mod.TaskCancelledError("cancelled")
 
@@ -133,11 +140,21 @@ class TaskExecutor:
         self.enqueue(None, spec)
 
     # --- main thread ------------------------------------------------------------------
+    def flush_replies(self) -> None:
+        """Sends the replies held back, before the main thread blocks in a get or wait:
+        the object it waits for may be the result of the task just before, whose
+        TASK_DONE is among them (its caller would never learn it is ready)."""
+        if self._unflushed and threading.get_ident() == self.main_ident:
+            for c in self._unflushed:
+                c.flush()
+            self._unflushed.clear()
+
     def run_forever(self) -> None:
         queue = self.queue
         cond = self.cond
         last_flush = time.monotonic()
-        unflushed: set = set()
+        unflushed: set = self._unflushed
+        self.core.before_block = self.flush_replies
         while True:
             if unflushed and not queue:
                 # Replies held back because more tasks were queued: the queue emptied
@@ -216,10 +233,14 @@ class TaskExecutor:
                 if fn_id is None and name == TERMINATE:
                     self.exit_cause = "the actor was stopped gracefully (terminate, or every handle to it was dropped)"
                     return self._pack(task_id, name, None, num_returns)
-                fn = self._callable(fn_id, name)
-                args, kwargs = serialization.deserialize(args_blob)
-                args, kwargs = self._resolve(args, kwargs, prefetched)
-                value = fn(*args, **kwargs)
+                self._interruptible = True
+                try:
+                    fn = self._callable(fn_id, name)
+                    args, kwargs = serialization.deserialize(args_blob)
+                    args, kwargs = self._resolve(args, kwargs, prefetched)
+                    value = fn(*args, **kwargs)
+                finally:
+                    self._interruptible = False
             except exc_mod.TaskCancelledError:
                 return self._error(exc_mod.TaskCancelledError(f"task {name}() was cancelled"), num_returns)
             except ActorExitRequest:
