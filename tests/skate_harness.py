@@ -1,9 +1,13 @@
 """What the runtime tests share: finding skate's processes and segments, and drivers in subprocesses.
 
-A skate process is one whose command line contains ``skate._private``: the node process
-(``python -m skate._private.node.main '<json options>'``) and the zygote and workers it
-forks, which keep that command line. The JSON options name the session, its directory and
-the driver's pid, which is how a process is attributed to the cluster that made it.
+A skate process is either one whose command line contains ``skate._private`` (a node
+process started as ``python -m skate._private.node.main '<json options>'``, and the zygote
+and workers it forks, which keep that command line: the JSON options name the session, its
+directory and the driver's pid), or one named ``skate:node``, ``skate:zygote`` or
+``skate:worker`` (a node forked from its driver keeps the driver's command line): its
+session is the session lock it holds open (``<lock dir>/<session>``), its session
+directory the one its log files are in, its driver the first ancestor not named
+``skate:``. That is how a process is attributed to the cluster that made it.
 
 A shared-memory segment is ``/dev/shm/skate-{session}-{object id hex}``.
 
@@ -43,16 +47,40 @@ class SkateProcess:
         return f"pid {self.pid} (session {self.session}, driver {self.driver_pid}): {self.cmdline[:160]}"
 
 
+def _forked_skate_process(p: psutil.Process, cmdline: str) -> SkateProcess:
+    from skate._private.object_store.shm import LOCK_DIR
+    session = session_dir = driver = None
+    for f in p.open_files():
+        if os.path.dirname(f.path) == LOCK_DIR:
+            session = os.path.basename(f.path)
+    if session is not None:
+        for f in p.open_files():
+            marker = f"/session_{session}/"
+            if marker in f.path:
+                session_dir = f.path[:f.path.index(marker) + len(marker) - 1]
+    try:
+        for parent in p.parents():
+            if not parent.name().startswith("skate:"):
+                driver = parent.pid
+                break
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return SkateProcess(p.pid, session, session_dir, driver, f"[{p.info['name']}] {cmdline}")
+
+
 def skate_processes() -> list[SkateProcess]:
     """Every live (not zombie) process on the machine running skate's runtime, but this one."""
     me = os.getpid()
     found = []
-    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+    for p in psutil.process_iter(["pid", "cmdline", "status", "name"]):
         try:
             info = p.info
             if info["pid"] == me or info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             cmd = info["cmdline"] or []
+            if (info["name"] or "").startswith("skate:"):
+                found.append(_forked_skate_process(p, " ".join(cmd)))
+                continue
             if not any("skate._private" in c for c in cmd):
                 continue
             opts = {}

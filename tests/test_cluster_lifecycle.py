@@ -441,14 +441,22 @@ def check_driver_left_nothing(leak_tracker, report: dict, timeout: float = 10.0)
     assert wait_for(lambda: not os.path.exists(report["session_dir"]), timeout=5), report["session_dir"]
 
 
-def test_a_driver_that_exits_without_shutdown_leaves_nothing_behind(no_cluster, tmp_path, leak_tracker):
+NODE_START = pytest.mark.parametrize("node_start", ["fork", "exec"])
+
+
+@NODE_START
+def test_a_driver_that_exits_without_shutdown_leaves_nothing_behind(no_cluster, tmp_path, leak_tracker,
+                                                                     monkeypatch, node_start):
+    monkeypatch.setenv("SKATE_NODE_START", node_start)
     proc = run_driver(tmp_path, EXIT_SCRIPT.format(ending="# exits here, with a task still running"))
     assert proc.returncode == 0, describe(proc)
     report = json.loads(proc.stdout.splitlines()[0])
     check_driver_left_nothing(leak_tracker, report)
 
 
-def test_a_sigkilled_driver_leaves_nothing_behind(no_cluster, tmp_path, leak_tracker):
+@NODE_START
+def test_a_sigkilled_driver_leaves_nothing_behind(no_cluster, tmp_path, leak_tracker, monkeypatch, node_start):
+    monkeypatch.setenv("SKATE_NODE_START", node_start)
     path = write_script(tmp_path, "driver.py", EXIT_SCRIPT.format(ending="time.sleep(300)"))
     proc = subprocess.Popen([sys.executable, path], cwd=str(tmp_path), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -469,6 +477,68 @@ def test_a_sigkilled_driver_leaves_nothing_behind(no_cluster, tmp_path, leak_tra
             proc.kill()
             proc.wait()
     check_driver_left_nothing(leak_tracker, report)
+
+
+# --- how the node process starts: forked from the driver, or a fresh interpreter -----------------
+
+START_SCRIPT = """
+import atexit, json, os, sys, threading, time
+import psutil
+import skate
+from skate._private import runtime
+
+atexit.register(lambda: open("exit-handler-ran", "a").write(f"{{os.getpid()}}\\n"))
+sys.stdout.write("unflushed-before-init;")     # buffered: stdout is a pipe
+{before}
+skate.init(num_cpus=2)
+
+@skate.remote
+def where():
+    with open("/proc/self/comm") as f:
+        return os.getpid(), f.read().strip()
+
+pid, comm = skate.get(where.remote(), timeout=60)
+node = psutil.Process(runtime.info()["node_pid"])
+print(json.dumps({{"worker_comm": comm, "node_name": node.name(), "node_cmdline": node.cmdline(),
+                  "worker_pid": pid, "driver_pid": os.getpid()}}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["auto", "fork", "exec"])
+def test_the_node_is_forked_or_spawned_as_asked_and_its_processes_are_named(no_cluster, tmp_path,
+                                                                             monkeypatch, mode):
+    monkeypatch.setenv("SKATE_NODE_START", mode)
+    proc = run_driver(tmp_path, START_SCRIPT.format(before=""))
+    assert proc.returncode == 0, describe(proc)
+    report = json.loads(proc.stdout.rsplit(";", 1)[1])
+    assert report["worker_comm"] == "skate:worker"
+    assert report["node_name"] == "skate:node"
+    spawned = any("skate._private.node.main" in c for c in report["node_cmdline"])
+    assert spawned == (mode == "exec")      # auto forks a driver with one thread
+    # The driver's exit handler ran once, in the driver: not in the node, zygote or workers.
+    with open(tmp_path / "exit-handler-ran") as f:
+        assert f.read().split() == [str(report["driver_pid"])]
+    # What the driver had written but not flushed before init is printed once, not twice.
+    assert proc.stdout.count("unflushed-before-init") == 1, describe(proc)
+
+
+def test_a_driver_with_a_thread_running_gets_a_spawned_node(no_cluster, tmp_path, monkeypatch):
+    monkeypatch.delenv("SKATE_NODE_START", raising=False)
+    before = "stop = threading.Event(); threading.Thread(target=stop.wait, daemon=True).start()"
+    proc = run_driver(tmp_path, START_SCRIPT.format(before=before))
+    assert proc.returncode == 0, describe(proc)
+    report = json.loads(proc.stdout.rsplit(";", 1)[1])
+    assert any("skate._private.node.main" in c for c in report["node_cmdline"])
+    assert report["worker_comm"] == "skate:worker"
+
+
+def test_an_unknown_node_start_mode_is_a_clear_error_and_starts_nothing(no_cluster, monkeypatch, leak_tracker):
+    monkeypatch.setattr(runtime.CONFIG, "node_start", "spawn")
+    before = {p.pid for p in skate_processes()}
+    with pytest.raises(ValueError, match="SKATE_NODE_START='spawn'.*auto, fork, exec"):
+        skate.init(num_cpus=1)
+    assert not skate.is_initialized()
+    assert {p.pid for p in skate_processes()} <= before
 
 
 # --- Ray compatibility of the driver's code ------------------------------------------------------

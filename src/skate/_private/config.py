@@ -49,6 +49,13 @@ class Config:
     # SKATE_WORKER_START_TIMEOUT_S: a worker that has not registered with its node
     # manager within this time is considered failed.
     worker_start_timeout_s: float = 30.0
+    # SKATE_NODE_START: how init() starts the embedded node process. "fork" forks it from
+    # the driver (no new interpreter, no imports: the first result comes in milliseconds;
+    # workers then inherit the driver's imported modules, as multiprocessing's fork
+    # start method does); "exec" runs a fresh interpreter (workers start clean, as Ray's);
+    # "auto" forks when that is safe (Linux, no other thread running in the driver, gRPC
+    # not loaded) and execs otherwise.
+    node_start: str = "auto"
     # SKATE_NODE_START_TIMEOUT_S: how long init() waits for the embedded node to come up.
     node_start_timeout_s: float = 30.0
     # SKATE_LOG_POLL_S: how often the node's log monitor looks for new worker output.

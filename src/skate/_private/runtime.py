@@ -7,9 +7,17 @@ the worker's core worker so the API works inside tasks.
 
 ::
 
-    init()  --spawn--> python -m skate._private.node.main  (GCS + node manager + zygote)
-            <--"ready" line on its stdout--
+    init()  --fork (or spawn python -m skate._private.node.main)--> node process
+                                              (GCS + node manager + zygote)
+            <--"ready" line on its stdout (spawned only: a forked node inherits
+               its listening socket from the driver, which connects at once)--
             --connect node.sock, REGISTER--> driver core worker ready
+
+Forking the node (``SKATE_NODE_START``, see config) skips a new interpreter and its
+imports: the difference between a first result in ~0.2 s and in milliseconds, which is
+what the standard library's fork pools take. It is used only when safe: on Linux, with
+no other thread running in the driver (a lock held by one would stay held in the
+child) and gRPC not loaded (its threads and state do not survive a fork).
 
 The embedded cluster belongs to the driver that started it: it is gone after
 ``shutdown()``, after a normal exit (atexit) and after the driver is SIGKILLed (the node
@@ -34,6 +42,7 @@ import time
 from skate import exceptions as exc_mod
 from skate._private import ids as ids_mod
 from skate._private.config import CONFIG
+from skate._private.protocol import transport
 from skate.object_ref import set_hooks
 
 _lock = threading.RLock()
@@ -110,9 +119,8 @@ def _default_store_memory() -> int:
     except OSError:
         shm_free = 2 << 30
     try:
-        import psutil
-        total = psutil.virtual_memory().total
-    except Exception:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
         total = shm_free
     return int(max(64 << 20, min(total * CONFIG.object_store_fraction, shm_free * 0.9)))
 
@@ -178,19 +186,118 @@ def _start_embedded(resources: dict, store_memory: int, keep_logs: bool) -> None
             "resources": resources, "object_store_memory": int(store_memory), "head": True,
             "embedded": True, "driver_pid": os.getpid(), "token": token,
             "latest_file": _latest_file(), "keep_logs": keep_logs}
-    proc = subprocess.Popen([sys.executable, "-m", "skate._private.node.main", json.dumps(opts)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
-    ready = _read_ready(proc)
+    if _fork_is_safe():
+        # The node's socket is bound here and inherited: the driver connects while the
+        # node starts (its REGISTER waits in the socket), instead of waiting for "ready".
+        node_socket = os.path.join(session_dir, "node.sock")
+        listener = transport.bind_unix(node_socket)
+        try:
+            proc = _fork_node(opts, listener)
+        finally:
+            listener.close()
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "skate._private.node.main", json.dumps(opts)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
+        node_socket = _read_ready(proc)["node_socket"]
     _node_proc = proc
     job_id = secrets.token_hex(4)
-    c = CoreWorker(session=session, session_dir=session_dir, node_socket=ready["node_socket"],
-                   is_driver=True, log_sink=print_log_lines, job_id=job_id, import_paths=_driver_paths())
-    c.register({"embedded_owner": True})
+    c = None
+    try:
+        c = CoreWorker(session=session, session_dir=session_dir, node_socket=node_socket,
+                       is_driver=True, log_sink=print_log_lines, job_id=job_id, import_paths=_driver_paths())
+        c.register({"embedded_owner": True}, timeout=CONFIG.node_start_timeout_s)
+    except Exception as e:
+        if c is not None:
+            c.shutdown()
+        _node_proc = None
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the skate node process did not start ({e}); its log is under "
+                           f"{session_dir}/logs (kept with SKATE_KEEP_LOGS=1); SKATE_NODE_START=exec "
+                           f"starts it as a fresh interpreter instead of a fork") from e
     _core = c
     set_hooks(c)
     _info.clear()
     _info.update({"mode": "driver", "session": session, "session_dir": session_dir, "token": token,
                   "node_pid": proc.pid, "embedded": True, "job_id": job_id})
+
+
+def _fork_is_safe() -> bool:
+    mode = CONFIG.node_start
+    if mode not in ("auto", "fork", "exec"):
+        raise ValueError(f"SKATE_NODE_START={mode!r} is not one of auto, fork, exec")
+    if mode == "exec" or not hasattr(os, "fork"):
+        return False
+    if mode == "fork":
+        return True
+    return (sys.platform.startswith("linux") and threading.active_count() == 1
+            and "grpc" not in sys.modules)
+
+
+class _ForkedNode:
+    """The node process forked from this driver, with the part of ``Popen``'s interface
+    init and shutdown use."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:     # reaped by someone else (e.g. os.wait())
+                self.returncode = 0
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"skate node {self.pid}", timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def _fork_node(opts: dict, listener) -> _ForkedNode:
+    # Loaded here, once: a forked child pays for every page it touches first, so
+    # importing in the driver (whose pages the node, zygote and workers then share) is
+    # the cheaper place.
+    from skate._private.node import log_monitor, node_manager, zygote  # noqa: F401
+    from skate._private.object_store import store  # noqa: F401
+    for stream in (sys.stdout, sys.stderr):   # or the child would write it out again
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or odd stream: nothing to repeat
+            pass
+    pid = os.fork()
+    if pid == 0:
+        from skate._private.node import main as node_main
+        node_main.run_forked(opts, listener)     # never returns
+        os._exit(1)
+    return _ForkedNode(pid)
+
+
+def forget_after_fork() -> None:
+    """In a process forked from a driver: it is not that driver (no core worker, no node
+    of its own), and the lock init held while forking is free."""
+    global _lock, _core, _node_proc
+    _lock = threading.RLock()
+    _core = None
+    _node_proc = None
+    _info.clear()
+    set_hooks(None)
 
 
 def _driver_paths() -> list:

@@ -33,7 +33,10 @@ def _worker_env() -> None:
         os.environ.setdefault(var, "1")
 
 
-def main(opts: dict) -> int:
+def main(opts: dict, listener=None) -> int:
+    """Runs the node until it shuts down. Started by a driver's fork, it gets the
+    listening socket the driver bound (which is connecting already); spawned, it prints
+    the "ready" line once it listens."""
     session = opts["session"]
     session_dir = opts["session_dir"]
     log_dir = os.path.join(session_dir, "logs")
@@ -45,6 +48,7 @@ def main(opts: dict) -> int:
 
     from skate._private.node import zygote
     from skate._private.object_store import shm
+    zygote.name_process("skate:node")
     session_lock = shm.hold_session_lock(session)  # noqa: F841 - held for life (and by children)
     zyg = zygote.start({
         "session": session,
@@ -68,12 +72,12 @@ def main(opts: dict) -> int:
                      zygote=zyg, embedded=opts.get("embedded", True), on_shutdown=done.set,
                      owner_pid=opts.get("driver_pid"))
     nm.token = opts["token"]
-    nm.start()
+    nm.start(listener)
     loop.start()
 
-    # Ready: the driver may connect now.
-    sys.stdout.write(json.dumps({"ready": True, "node_socket": node_socket, "pid": os.getpid()}) + "\n")
-    sys.stdout.flush()
+    if listener is None:   # ready: the driver may connect now
+        sys.stdout.write(json.dumps({"ready": True, "node_socket": node_socket, "pid": os.getpid()}) + "\n")
+        sys.stdout.flush()
     _redirect_output(os.path.join(log_dir, "node.out"))
 
     try:  # segments of sessions whose processes were all SIGKILLed
@@ -107,6 +111,44 @@ def main(opts: dict) -> int:
     return 0
 
 
+def run_forked(opts: dict, listener) -> None:
+    """The node process forked from a driver (``SKATE_NODE_START=fork``): leaves the
+    driver's life behind (its exit handlers, signal handlers, log handlers, pending
+    output), runs the node, and exits without returning to the driver's code."""
+    import atexit
+    import gc
+    code = 1
+    try:
+        atexit._clear()
+        threading._threading_atexits.clear()   # noqa: SLF001 - e.g. futures' exit hook
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        if "logging" in sys.modules:      # the driver's handlers (its files) are not ours
+            import logging
+            logging.root.handlers = []
+        from skate._private import runtime
+        runtime.forget_after_fork()
+        from skate._private.testing import faults
+        faults.take_role("node")
+        # The driver's objects stay shared copy-on-write: a full collection here (and in
+        # the zygote and workers, which inherit this) must not touch them.
+        gc.freeze()
+        code = main(opts, listener)
+    except BaseException:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        os._exit(code)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -122,6 +164,8 @@ def _redirect_output(path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
+    sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
 
 
 def _start_gcs(opts, nm, loop):

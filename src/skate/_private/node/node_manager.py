@@ -115,8 +115,10 @@ class NodeManager:
         self.log_monitor = None
 
     # --- start-up -----------------------------------------------------------------------
-    def start(self) -> None:
-        self.loop.listen_unix(self.socket_path, self._on_accept)
+    def start(self, listener=None) -> None:
+        """Listens (on ``listener`` when the driver that forked this process bound the
+        socket already) and starts the first workers."""
+        self.loop.listen_unix(self.socket_path, self._on_accept, listener)
         self._spawn(self.min_workers)
         self.loop.call_later(_REAP_EVERY_S, self._reap_idle)
 

@@ -60,6 +60,19 @@ class ConnectionClosed(ConnectionError):
 fault_hook = None
 
 
+def bind_unix(path: str) -> socket.socket:
+    """A Unix socket listening on ``path`` (replacing a stale file), for this user only."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(512)
+    return sock
+
+
 class Connection:
     """One framed, batched, bidirectional message stream."""
 
@@ -320,16 +333,11 @@ class EventLoop:
                 time.sleep(0.002)
         return self.add_connection(Connection(self, sock, handler, on_close))
 
-    def listen_unix(self, path: str, on_accept) -> socket.socket:
-        """Listens on ``path``; ``on_accept(sock)`` runs on the I/O thread per peer."""
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(512)
+    def listen_unix(self, path: str, on_accept, sock: socket.socket | None = None) -> socket.socket:
+        """Listens on ``path`` (or on ``sock``, bound there already, e.g. by the process
+        that forked this one); ``on_accept(sock)`` runs on the I/O thread per peer."""
+        if sock is None:
+            sock = bind_unix(path)
         sock.setblocking(False)
         self._listeners[sock.fileno()] = sock
 

@@ -311,6 +311,13 @@ def _is_node_process() -> bool:
         return bool(sys.argv) and sys.argv[0].endswith(os.path.join("node", "main.py"))
 
 
+def take_role(role: str) -> None:
+    """A process forked to be another part of the cluster (the node forked from its
+    driver) draws its decisions as that part."""
+    if _state is not None:
+        install(_state.plan, role)
+
+
 def install(plan: FaultPlan | None, role: str | None = None) -> None:
     """Arms ``plan`` in this process (None disarms). ``role`` defaults to what this
     process is: the node process, or a driver."""

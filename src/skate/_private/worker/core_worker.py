@@ -97,12 +97,12 @@ class CoreWorker:
         self.node_conn = self.loop.connect_unix(node_socket, self._on_node_msg, self._on_node_closed,
                                                 timeout=CONFIG.node_start_timeout_s)
 
-    def register(self, extra: dict | None = None) -> dict:
+    def register(self, extra: dict | None = None, timeout: float | None = None) -> dict:
         info = {"worker_id": self.worker_id, "pid": os.getpid(), "is_driver": self.is_driver,
                 "socket_path": self.socket_path, "job_id": self.job_id}
         if extra:
             info.update(extra)
-        self.node_info = self.node_request(M.REGISTER, info)
+        self.node_info = self.node_request(M.REGISTER, info, timeout=timeout)
         self.node_id = self.node_info["node_id"]
         return self.node_info
 
