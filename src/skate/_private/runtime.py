@@ -276,6 +276,7 @@ def _fork_node(opts: dict, listener) -> _ForkedNode:
     # the cheaper place.
     from skate._private.node import log_monitor, node_manager, zygote  # noqa: F401
     from skate._private.object_store import store  # noqa: F401
+    from skate._private.worker import main  # noqa: F401
     for stream in (sys.stdout, sys.stderr):   # or the child would write it out again
         try:
             stream.flush()

@@ -57,6 +57,11 @@ def main(opts: dict, listener=None) -> int:
         "node_socket": node_socket,
         "node_id": bytes.fromhex(opts["node_id"]),
     })
+    # The first workers start now, while this process sets up: they connect when the
+    # node listens (at once when the driver bound the socket).
+    from skate._private.node.node_manager import pool_size
+    first_workers = pool_size(opts["resources"])
+    zyg.spawn(first_workers)
 
     from skate._private.ids import new_node_id  # noqa: F401 (import order: after fork)
     from skate._private.node.log_monitor import LogMonitor
@@ -72,7 +77,7 @@ def main(opts: dict, listener=None) -> int:
                      zygote=zyg, embedded=opts.get("embedded", True), on_shutdown=done.set,
                      owner_pid=opts.get("driver_pid"))
     nm.token = opts["token"]
-    nm.start(listener)
+    nm.start(listener, starting=first_workers)
     loop.start()
 
     if listener is None:   # ready: the driver may connect now

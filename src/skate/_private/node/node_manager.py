@@ -66,6 +66,11 @@ class _Client:
         self.reservations: set = set()
 
 
+def pool_size(resources: dict) -> int:
+    """How many idle workers a node keeps: one per CPU (at least one)."""
+    return max(1, int(resources.get("CPU", 1)))
+
+
 class NodeManager:
     def __init__(self, loop: EventLoop, *, node_id: bytes, session: str, session_dir: str,
                  resources: dict, store, zygote, embedded: bool, on_shutdown, owner_pid=None):
@@ -88,7 +93,7 @@ class NodeManager:
         self.idle: deque[_Worker] = deque()
         self.pending: deque = deque()     # (conn, rid, resources)
         self.starting = 0                 # workers asked of the zygote, not registered yet
-        self.min_workers = max(1, int(self.total.get("CPU", 1)))
+        self.min_workers = pool_size(self.total)
         self.shutting_down = False
         self._handlers = {
             M.REGISTER: self._on_register,
@@ -115,11 +120,13 @@ class NodeManager:
         self.log_monitor = None
 
     # --- start-up -----------------------------------------------------------------------
-    def start(self, listener=None) -> None:
+    def start(self, listener=None, starting: int = 0) -> None:
         """Listens (on ``listener`` when the driver that forked this process bound the
-        socket already) and starts the first workers."""
+        socket already) and starts the first workers (``starting``: asked of the
+        zygote already)."""
         self.loop.listen_unix(self.socket_path, self._on_accept, listener)
-        self._spawn(self.min_workers)
+        self.starting += starting
+        self._spawn(self.min_workers - starting)
         self.loop.call_later(_REAP_EVERY_S, self._reap_idle)
 
     def _reap_idle(self) -> None:

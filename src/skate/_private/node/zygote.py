@@ -30,10 +30,9 @@ def name_process(name: str) -> None:
     characters): ``skate:node``, ``skate:zygote``, ``skate:worker``. A node forked from
     its driver keeps the driver's command line; the name tells them apart."""
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)   # PR_SET_NAME
-    except Exception:  # noqa: BLE001 - cosmetic: not on this platform
+        with open("/proc/self/comm", "w") as f:    # prctl(PR_SET_NAME), without ctypes
+            f.write(name[:15])
+    except OSError:  # cosmetic: not on this platform
         pass
 
 
